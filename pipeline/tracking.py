@@ -1,0 +1,345 @@
+"""MLflow tracking for pipeline stages.
+
+One experiment per ``params.experiment``. The stage runs of one reproduction are nested under a
+parent run: the Prefect flow creates it and hands its id to every stage through
+``SCORESDE_PARENT_RUN_ID``; under plain ``dvc repro`` each stage finds (or creates) the parent run of
+its run group, ``SCORESDE_RUN_GROUP`` (``make repro`` sets a fresh one per reproduction; otherwise
+the group is derived from the git commit and the params file, so reruns of one configuration group
+together).
+
+Every stage run carries the tags the comparison report queries: ``stage``, ``sde``, ``dvc_stage``,
+``run_group``, ``git_commit``, ``seed`` and package versions; ``dvc_lock_md5`` (the hash of the
+stage's entry in dvc.lock) is attached once DVC has written the lock entry, by :func:`sync_lock_tags`.
+
+The tracking server is checked *before* a stage starts its work: an unreachable or slow server fails
+within ``tracking.timeout_s`` seconds with the URI in the message, or, with
+``tracking.offline_fallback: true``, the stage logs to the local SQLite store and says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+PARENT_ENV = "SCORESDE_PARENT_RUN_ID"
+GROUP_ENV = "SCORESDE_RUN_GROUP"
+
+# Quiet, offline-friendly MLflow defaults (set before mlflow is imported anywhere in the process).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+# ------------------------------------------------------------------ run context
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty and commit != "unknown" else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    names = ["torch", "torchvision", "torch-fidelity", "numpy", "scipy", "pandas", "pyarrow",
+             "mlflow", "dvc", "prefect", "scoresde"]
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not-installed"
+    return versions
+
+
+def params_digest(params_file: str | Path = "params.yaml") -> str:
+    path = Path(params_file)
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.exists() else "noparams"
+
+
+def run_group() -> str:
+    """The reproduction this process belongs to (see module docstring)."""
+    group = os.environ.get(GROUP_ENV)
+    if group:
+        return group
+    return f"git{git_commit()[:8]}-params{params_digest()[:8]}"
+
+
+# --------------------------------------------------------------- URI handling
+def resolve_uri(tracking: dict | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` wins over ``params.tracking.uri``; default is the local SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or (tracking or {}).get("uri") or DEFAULT_URI
+
+
+def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming ``uri``, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - user-configured URI
+                if resp.status != 200:
+                    raise TrackingUnavailable(f"MLflow tracking server {uri} answered HTTP {resp.status} on /health")
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is unreachable within {timeout_s:g} s ({reason}); start it, fix "
+                f"MLFLOW_TRACKING_URI / params tracking.uri, or set tracking.offline_fallback: true") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        folder = db.parent if str(db.parent) else Path(".")
+        if not folder.exists() or not os.access(folder, os.W_OK):
+            raise TrackingUnavailable(f"MLflow tracking store {uri}: folder {folder} does not exist or is not writable")
+    elif uri.startswith("databricks"):
+        pass  # authenticated remote stores are checked by MLflow itself
+    else:
+        raise TrackingUnavailable(f"MLflow tracking URI {uri!r} is not supported here: use sqlite:///FILE or http(s)://HOST:PORT")
+
+
+def configure(tracking: dict | None = None) -> str:
+    """Resolve, check and activate the tracking URI; returns the URI in use."""
+    tracking = tracking or {}
+    uri = resolve_uri(tracking)
+    timeout = float(tracking.get("timeout_s", 10.0))
+    # Bound every later HTTP call as well, so a server dying mid-stage cannot hang it for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(timeout, 1))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    try:
+        ensure_reachable(uri, timeout)
+    except TrackingUnavailable as err:
+        if not tracking.get("offline_fallback", False):
+            raise
+        print(f"[tracking] {err}\n[tracking] offline_fallback: logging to the local store {DEFAULT_URI} instead",
+              file=sys.stderr)
+        uri = DEFAULT_URI
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+# ------------------------------------------------------------------- parents
+def _experiment_id(experiment: str) -> str:
+    import mlflow
+
+    return mlflow.set_experiment(experiment).experiment_id
+
+
+def start_parent_run(experiment: str, run_group: str, tags: dict | None = None, *, terminate: bool = False) -> str:
+    """Create the parent run of one reproduction; returns its run id.
+
+    The Prefect flow keeps it RUNNING until the flow ends (``end_parent_run``); ``terminate=True``
+    closes it at once (the ``dvc repro`` case, where children attach to it later).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    all_tags = {"scoresde.role": "parent", "run_group": run_group, "git_commit": git_commit(),
+                **{f"version.{k}": v for k, v in package_versions().items()}, **(tags or {})}
+    run = client.create_run(_experiment_id(experiment), run_name=f"repro-{run_group}",
+                            tags={k: str(v) for k, v in all_tags.items()})
+    if terminate:
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def end_parent_run(run_id: str, status: str = "FINISHED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status)
+
+
+def find_or_create_parent(experiment: str, group: str) -> str:
+    import mlflow
+
+    exp_id = _experiment_id(experiment)
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.run_group = '{group}' and tags.`scoresde.role` = 'parent'",
+                               max_results=1, order_by=["attributes.start_time ASC"])
+    if len(found):
+        return found.iloc[0]["run_id"]
+    return start_parent_run(experiment, group, terminate=True)
+
+
+# ---------------------------------------------------------------- stage runs
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+class StageRun:
+    """Thin handle on the active MLflow run of a stage (keeps MLflow calls out of the stage bodies)."""
+
+    def __init__(self, run_id: str, stage: str, sde: str | None):
+        self.run_id, self.stage, self.sde = run_id, stage, sde
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        mlflow.log_metrics(clean, step=step)
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        flat = {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        if Path(path).exists():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, name)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+class NullRun(StageRun):
+    """Stands in for a run where nothing is tracked (non-zero ranks under torchrun)."""
+
+    def __init__(self):
+        super().__init__("", "", None)
+
+    def log_metrics(self, metrics, step=None): pass
+    def log_params(self, params): pass
+    def log_artifact(self, path, artifact_path=None): pass
+    def log_dict(self, data, name): pass
+    def set_tags(self, tags): pass
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict, *, sde: str | None = None, extra_tags: dict | None = None) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage, nested under the reproduction's parent run.
+
+    Logs the resolved params (flattened) and a ``run_info.json`` (params, seed, git commit, versions);
+    marks the run FAILED if the body raises.
+    """
+    import mlflow
+
+    uri = configure(params.get("tracking"))
+    experiment = params.get("experiment", "scoresde")
+    group = run_group()
+    parent = os.environ.get(PARENT_ENV) or find_or_create_parent(experiment, group)
+    exp_id = _experiment_id(experiment)
+    versions = package_versions()
+    tags = {
+        "stage": stage.split("@")[0],
+        "sde": sde or "none",
+        "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "run_group": group,
+        "git_commit": git_commit(),
+        "seed": params.get("seed", "none"),
+        "tracking_uri": uri,
+        **{f"version.{k}": v for k, v in versions.items()},
+        **(extra_tags or {}),
+    }
+    run_name = stage if sde is None or "@" in stage else f"{stage}@{sde}"
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent,
+                          tags={k: str(v) for k, v in tags.items()}) as active:
+        handle = StageRun(active.info.run_id, stage, sde)
+        handle.log_params({k: v for k, v in params.items() if k != "tracking"})
+        handle.log_dict({"stage": stage, "sde": sde, "params": params, "tags": tags}, "run_info.json")
+        try:
+            yield handle
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+
+
+# --------------------------------------------------------- dvc.lock hashes
+def lock_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """md5 of each stage's entry in dvc.lock (canonical JSON), keyed by stage name (``train@ve``)."""
+    import yaml
+
+    path = Path(lock_file)
+    if not path.exists():
+        return {}
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+    return {name: hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest() for name, entry in stages.items()}
+
+
+def sync_lock_tags(experiment: str, group: str | None = None, lock_file: str | Path = "dvc.lock") -> int:
+    """Tag the stage runs of ``group`` with the dvc.lock hash of their stage; returns how many were tagged.
+
+    Only a run whose recorded params/deps match the lock is meaningful to tag, so this is called right
+    after DVC has written the lock (end of ``make repro``, after each ``dvc commit`` in the Prefect flow).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    hashes = lock_hashes(lock_file)
+    if not hashes:
+        return 0
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    group = group or run_group()
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.run_group = '{group}'")
+    client, tagged = MlflowClient(), 0
+    for _, row in runs.iterrows():
+        name = row.get("tags.dvc_stage")
+        if isinstance(name, str) and name in hashes and row.get("tags.dvc_lock_md5") != hashes[name]:
+            client.set_tag(row["run_id"], "dvc_lock_md5", hashes[name])
+            tagged += 1
+    return tagged
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.tracking sync-lock`` (used by ``make repro`` after ``dvc repro``)."""
+    import argparse
+
+    from pipeline.params import ParamsError, read_params
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    parser.add_argument("command", choices=["sync-lock", "check"])
+    parser.add_argument("--group", default=None)
+    args = parser.parse_args(argv)
+    try:
+        params = read_params()
+    except ParamsError as err:
+        print(err, file=sys.stderr)
+        return 2
+    try:
+        uri = configure(params.get("tracking"))
+    except TrackingUnavailable as err:
+        print(err, file=sys.stderr)
+        return 1
+    if args.command == "check":
+        print(f"tracking store {uri} is reachable")
+        return 0
+    n = sync_lock_tags(params.get("experiment", "scoresde"), args.group)
+    print(f"tagged {n} stage runs with their dvc.lock hash ({uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
