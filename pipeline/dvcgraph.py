@@ -13,10 +13,11 @@ practice they are always roots of the graph).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ class Pipeline:
         return len(self.stages)
 
 
+@contextlib.contextmanager
+def working_directory(path: str | os.PathLike) -> Iterator[None]:
+    """Temporarily ``chdir`` (DVC's API resolves stage addresses against the current directory)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def find_root(path: str | os.PathLike = ".") -> str:
     """The root of the DVC repository containing ``path``."""
     from dvc.repo import Repo
@@ -101,7 +113,7 @@ def load_pipeline(root: str | os.PathLike = ".", targets: Iterable[str] | None =
     from dvc.repo import Repo
 
     root = find_root(root)
-    with Repo(root) as repo:
+    with working_directory(root), Repo(root) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         if targets:
             selected = set()

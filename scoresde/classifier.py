@@ -159,7 +159,7 @@ def train_classifier(x: torch.Tensor, labels: torch.Tensor, config: ClassifierCo
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         if log is not None:
             log(epoch, total / n)
     return model.eval()

@@ -52,7 +52,8 @@ def sliced_wasserstein(
     yf = torch.as_tensor(y).reshape(len(y), -1).double().cpu()
     if xf.shape[1] != yf.shape[1]:
         raise ValueError("x and y must have the same dimension")
-    theta = torch.randn(n_projections, xf.shape[1], generator=generator, dtype=torch.float64)
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    theta = torch.randn(n_projections, xf.shape[1], generator=generator, dtype=torch.float64, device=gdev).cpu()
     theta = theta / torch.linalg.vector_norm(theta, dim=1, keepdim=True)
     px = torch.sort(theta @ xf.T, dim=1).values  # (P, n)
     py = torch.sort(theta @ yf.T, dim=1).values  # (P, m)

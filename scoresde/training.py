@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -152,6 +153,7 @@ class TrainConfig:
     ``amp``: mixed precision (``torch.autocast`` in ``amp_dtype``, plus a GradScaler for float16);
     only used on CUDA, ignored on CPU.
     ``handle_signals``: on SIGTERM/SIGINT write a checkpoint at the next step and stop.
+    ``ddp_find_unused_parameters``: passed to DistributedDataParallel (models with unused branches).
     """
 
     steps: int
@@ -171,6 +173,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     handle_signals: bool = True
+    ddp_find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -208,7 +211,7 @@ class TrainConfig:
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise bad("amp_dtype", "'float16' or 'bfloat16'")
-        for name in ("amp", "handle_signals"):
+        for name in ("amp", "handle_signals", "ddp_find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a boolean")
 
@@ -538,20 +541,43 @@ def _ckpt_path(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"ckpt_{step:08d}.pt"
 
 
+def _fp_tag(fingerprint: str) -> str:
+    """Short filesystem-safe tag of a fingerprint (names files moved to ``stale/``)."""
+    return hashlib.sha256(str(fingerprint).encode()).hexdigest()[:12]
+
+
+_STALE_DIR = "stale"
+_KEEP_STALE = 4
+_STALE_PATTERN = re.compile(r"^([0-9a-f]{12})-ckpt_(\d{8,})\.pt$")
+
+
 def find_resumable_checkpoint(
     ckpt_dir: str | os.PathLike, fingerprint: str = "", max_step: int | None = None,
     *, move_stale: bool = True,
 ) -> tuple[Path, dict] | None:
     """Newest checkpoint in ``ckpt_dir`` that loads safely and carries ``fingerprint``.
 
-    Torn/corrupt and unsafe files are skipped with a warning. Checkpoints with another
-    fingerprint (made with other params) are skipped and, with ``move_stale``, moved into
-    ``ckpt_dir/stale/`` so they neither shadow nor get pruned in place of the current run's.
-    Checkpoints beyond ``max_step`` are skipped (they cannot be un-trained).
+    * torn/corrupt and unsafe files are skipped with a warning (left in place; a later write of the
+      same step replaces them, pruning never lets them displace valid checkpoints);
+    * checkpoints with another fingerprint (made with other params) are skipped with a warning and,
+      with ``move_stale``, moved to ``ckpt_dir/stale/`` (the newest few are kept there); a stale
+      checkpoint whose fingerprint matches again (params switched back) is moved back and resumed;
+    * checkpoints beyond ``max_step`` are skipped (they cannot be un-trained).
+
     Returns ``(path, checkpoint dict)`` or ``None``.
     """
     ckpt_dir = Path(ckpt_dir)
-    for step, path in list_checkpoints(ckpt_dir):
+    stale_dir = ckpt_dir / _STALE_DIR
+    tag = _fp_tag(fingerprint)
+    candidates = [(step, 1, p) for step, p in list_checkpoints(ckpt_dir)]
+    if stale_dir.is_dir():
+        for p in stale_dir.iterdir():
+            m = _STALE_PATTERN.match(p.name)
+            if m and m.group(1) == tag and p.is_file():
+                candidates.append((int(m.group(2)), 0, p))
+    candidates.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    found = None
+    for step, in_main, path in candidates:
         try:
             ckpt = load_checkpoint(path, map_location="cpu")
         except UnsafeCheckpointError as e:
@@ -563,14 +589,13 @@ def find_resumable_checkpoint(
         fp = ckpt.get("fingerprint", "")
         if fp != fingerprint:
             logger.warning(
-                "ignoring stale checkpoint %s: made with other params (fingerprint %r != %r)%s",
-                path, fp, fingerprint, "; moved to stale/" if move_stale else "",
+                "ignoring stale checkpoint %s: made with other params (fingerprint %r, expected %r)%s",
+                path, fp, fingerprint, f"; moved to {_STALE_DIR}/" if move_stale and in_main else "",
             )
-            if move_stale:
-                stale = ckpt_dir / "stale"
-                stale.mkdir(exist_ok=True)
+            if move_stale and in_main:
+                stale_dir.mkdir(exist_ok=True)
                 with contextlib.suppress(OSError):
-                    os.replace(path, stale / f"{str(fp)[:16] or 'nofp'}-{path.name}")
+                    os.replace(path, stale_dir / f"{_fp_tag(fp)}-{path.name}")
             continue
         if int(ckpt["step"]) != step:
             logger.warning("ignoring checkpoint %s: its step %s does not match its name", path, ckpt["step"])
@@ -578,8 +603,20 @@ def find_resumable_checkpoint(
         if max_step is not None and step > max_step:
             logger.warning("ignoring checkpoint %s: step %d is beyond the %d requested steps", path, step, max_step)
             continue
-        return path, ckpt
-    return None
+        if not in_main:
+            target = _ckpt_path(ckpt_dir, step)
+            os.replace(path, target)
+            logger.warning("params match an earlier run again: restored %s from %s/", target.name, _STALE_DIR)
+            path = target
+        found = (path, ckpt)
+        break
+    if stale_dir.is_dir():  # bound the disk used by stale checkpoints
+        stale = sorted((p for p in stale_dir.iterdir() if _STALE_PATTERN.match(p.name)),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        for p in stale[_KEEP_STALE:]:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return found
 
 
 def _cleanup_tmp(ckpt_dir: Path) -> None:
@@ -589,8 +626,11 @@ def _cleanup_tmp(ckpt_dir: Path) -> None:
             logger.info("removed leftover temp file %s (an interrupted checkpoint write)", p)
 
 
-def _prune(ckpt_dir: Path, keep: int = _KEEP_CHECKPOINTS) -> None:
-    for _, p in list_checkpoints(ckpt_dir)[keep:]:
+def _prune(ckpt_dir: Path, newest: int, keep: int = _KEEP_CHECKPOINTS) -> None:
+    """Delete checkpoints older than the ``keep`` newest at or below step ``newest`` (the one just
+    written); files with higher steps (torn, or beyond the requested steps) never displace them."""
+    below = [(s, p) for s, p in list_checkpoints(ckpt_dir) if s <= newest]
+    for _, p in below[keep:]:
         with contextlib.suppress(OSError):
             p.unlink()
 
@@ -789,6 +829,15 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
     loss_gen = torch.Generator(device=device)
     loss_gen.manual_seed(_derive_seed(config.seed, _STREAM_LOSS, rank))
 
+    # DDP broadcasts rank 0's parameters and buffers here, so every rank starts (and builds its EMA)
+    # from the same weights; a resumed checkpoint is then loaded identically on every rank.
+    train_model: nn.Module = model
+    if dist.enabled:
+        train_model = _DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.ddp_find_unused_parameters,
+        )
+
     # ---- resume -------------------------------------------------------------------------
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -839,10 +888,6 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
         # Fresh start: a reproducible global stream (dropout etc.), distinct per rank.
         torch.manual_seed(_derive_seed(config.seed, _STREAM_GLOBAL, rank))
 
-    train_model: nn.Module = model
-    if dist.enabled:
-        train_model = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     params = [p for p in model.parameters() if p.requires_grad]
     last_ckpt: Path | None = None
 
@@ -872,7 +917,7 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
                 },
             }
             path = atomic_torch_save(state, _ckpt_path(ckpt_dir, step))
-            _prune(ckpt_dir)
+            _prune(ckpt_dir, step)
             last_ckpt = path
         dist.barrier()
         return path

@@ -106,7 +106,8 @@ def plot_forward(schedule: dict, rows: list[dict], path: str) -> None:
             ax.set_xticks([]), ax.set_yticks([])
     else:
         c, h, w = shape
-        n_ex = max(r["example"] for r in rows) + 1
+        n_ex = min(2, max(r["example"] for r in rows) + 1)  # a strip: two examples per process
+        rows = [r for r in rows if r["example"] < n_ex]
         ncols = max(len(schedule["sigmas"]), N_TIMES)
         fig, axes = plt.subplots(len(processes) * n_ex, ncols, figsize=(ncols * 0.8, len(processes) * n_ex * 0.8),
                                  squeeze=False)
@@ -117,14 +118,14 @@ def plot_forward(schedule: dict, rows: list[dict], path: str) -> None:
                 if r["process"] != proc:
                     continue
                 img = np.asarray(r["x"], dtype=np.float32).reshape(c, h, w).transpose(1, 2, 0)
-                if proc in ("vp", "subvp"):
-                    img = (img + 1) / 2
+                # min-max per image: clipping to [0, 1] would hide the structure that survives the noise
+                img = (img - img.min()) / max(float(img.max() - img.min()), 1e-8)
                 ax = axes[p_i * n_ex + r["example"], r["level"]]
-                ax.imshow(np.clip(img.squeeze(), 0, 1), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+                ax.imshow(img.squeeze(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
                 if r["example"] == 0:
                     ax.set_title(f"{proc} {'σ' if proc == 'ncsn' else 't'}={r['value']:.2g}", fontsize=6)
-    fig.suptitle("forward (noising) process: NCSN levels and VE / VP / subVP marginals", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("forward (noising) process: NCSN levels σ_i and VE / VP / subVP marginals p_t", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)

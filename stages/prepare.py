@@ -37,12 +37,17 @@ SCHEMA = {
 
 
 def run(params: dict, run, args) -> None:
-    from scoresde.data import get_dataset, write_prepared
+    from scoresde.data import get_dataset
 
     p = params["prepare"]
-    kwargs = dict(p["toy"], seed=params["seed"]) if p["dataset"] == "toy" else {"root": p["root"], "download": p["download"]}
+    if p["dataset"] == "toy":
+        kwargs = dict(p["toy"], seed=params["seed"])
+    elif p["dataset"] == "digits":  # bundled with scikit-learn: nothing to read or download
+        kwargs = {}
+    else:
+        kwargs = {"root": p["root"], "download": p["download"]}
     ds = get_dataset(p["dataset"], **kwargs)
-    write_prepared(OUT, ds.x, ds.labels, ds.split, p["dataset"])
+    ds.write(OUT, meta={"seed": params["seed"]})
     counts = {s: int((ds.split == s).sum()) for s in ("train", "test")}
     shape = list(ds.x.shape[1:])
     print(f"[prepare] {p['dataset']}: {counts} examples of shape {shape} -> {OUT}")
