@@ -576,6 +576,7 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
                force: bool, run_cache: bool, keep_going: bool, track: bool, params_file: str,
                run_group: str | None) -> dict[str, str]:
     logger = get_run_logger()
+    started = time.perf_counter()
     logging.getLogger("dvc").setLevel(logging.WARNING)  # our own log lines say what DVC did
     params_path = Path(root) / params_file
     params = _read_params(params_path)
@@ -618,7 +619,7 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
                 tracking.sync_lock_tags(str(params.get("experiment") or "scoresde"), group,
                                         Path(root) / "dvc.lock")
     summary = ", ".join(f"{name}: {action}" for name, action in results.items())
-    logger.info("summary: %s", summary)
+    logger.info("pipeline finished in %.2f s: %s", time.perf_counter() - started, summary)
     if failures:
         not_run = [n for n, a in results.items() if a.startswith("not run")]
         raise PipelineFailed(

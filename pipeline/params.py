@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,13 +111,19 @@ class Bool(Spec):
 class Str(Spec):
     default: Any = ...
     choices: tuple[str, ...] | None = None
+    pattern: str | None = None  # a full-match regular expression, described by `hint`
+    hint: str = ""
 
     def describe(self) -> str:
-        return f"one of {list(self.choices)}" if self.choices else "a string"
+        if self.choices:
+            return f"one of {list(self.choices)}"
+        return self.hint or (f"a string matching {self.pattern}" if self.pattern else "a string")
 
     def validate(self, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ParamsError(path, f"expected {self.describe()}, got {value!r} ({_type_name(value)})")
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            raise ParamsError(path, f"expected {self.describe()}, got {value!r}")
         if self.choices and value not in self.choices:
             close = difflib.get_close_matches(value, self.choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -248,6 +255,8 @@ TRACKING = Section({
     "timeout_s": Float(10.0, gt=0, le=600),
     "offline_fallback": Bool(False),
 })
+
+DEVICE = Str(pattern=r"auto|cpu|cuda(:\d+)?", hint="'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 COMMON = {
     "experiment": Str(),

@@ -48,16 +48,6 @@ def read_json(path: str | Path) -> Any:
     return json.loads(path.read_text())
 
 
-def resolve_device(name: str) -> "torch.device":  # noqa: F821
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"device {name!r} requested but CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

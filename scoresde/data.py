@@ -35,7 +35,6 @@ import inspect
 import json
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -731,6 +730,7 @@ def write_prepared(
                 writer.write_table(table)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; prepared data is shared by every later stage
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

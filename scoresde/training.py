@@ -51,9 +51,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -957,7 +957,7 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
 
     bar = tqdm(
         total=config.steps, initial=start_step, disable=not (progress and is_main), desc="train",
-        dynamic_ncols=True, file=sys.stderr,
+        dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
     )
     t_last, step_last = time.perf_counter(), start_step
     step = start_step

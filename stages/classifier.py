@@ -34,6 +34,7 @@ SCHEMA = {
         "width": Int(32, ge=1, le=1024),
         "feature_dim": Int(128, ge=2, le=8192),
         "min_accuracy": OrAuto(Float(ge=0, le=1), default="auto"),
+        "threads": OrAuto(Int(ge=1, le=1024), default=1),
     }),
 }
 
@@ -65,6 +66,9 @@ def run(params: dict, run, args) -> None:
         return skip(f"{dataset} has no class labels (use Inception-v3: evaluate.inception_weights)", dataset, run)
     test = load_prepared(DATA, split="test")
     device = resolve_device(p["device"])
+    if device.type == "cpu" and p["threads"] != "auto":
+        # Small convolutions gain nothing from more threads, and on shared cores they lose ~10x.
+        torch.set_num_threads(p["threads"])
     c, h, w = train.meta["shape"]
     config = ClassifierConfig(in_channels=c, image_size=(h, w), num_classes=num_classes,
                               width=p["width"], feature_dim=p["feature_dim"])

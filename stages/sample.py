@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from pipeline.params import COMMON, Bool, Float, Int, Optional, ParamsError, Section, Str
-from pipeline.stage import atomic_path, read_json, resolve_device, stage_main, write_json
+from pipeline.params import COMMON, DEVICE, Bool, Float, Int, Optional, ParamsError, Section, Str
+from pipeline.stage import atomic_path, read_json, stage_main, write_json
 
 KINDS = ("ncsn", "ve", "vp", "subvp")
 SAMPLERS = ("annealed_langevin", "langevin", "pc", "ode", "heun")
@@ -54,7 +54,7 @@ def sample_section(kind: str) -> Section:
     }, checks=[compatible])
 
 
-SCHEMA = {**COMMON, "sample": Section({"device": Str(), **{k: sample_section(k) for k in KINDS}})}
+SCHEMA = {**COMMON, "sample": Section({"device": DEVICE, **{k: sample_section(k) for k in KINDS}})}
 
 
 def load_trained(path, device, use_ema: bool = True):
@@ -182,6 +182,8 @@ def save_samples(x, path_npz: str, path_png: str, title: str = "") -> None:
 
 def run(params: dict, run, args) -> None:
     import torch
+
+    from scoresde.training import resolve_device
 
     kind = args.sde
     cfg = params["sample"][kind]

@@ -15,8 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.params import COMMON, Bool, Float, Int, List, Optional, Section, Str
-from pipeline.stage import atomic_path, is_rank_zero, resolve_device, stage_main, write_json
+from pipeline.params import COMMON, DEVICE, Bool, Float, Int, List, Optional, Section, Str
+from pipeline.stage import atomic_path, is_rank_zero, stage_main, write_json
 
 KINDS = ("ncsn", "ve", "vp", "subvp")
 
@@ -55,7 +55,7 @@ def train_section(kind: str) -> Section:
     return Section(fields)
 
 
-SCHEMA = {**COMMON, "train": Section({"device": Str(), **{k: train_section(k) for k in KINDS}})}
+SCHEMA = {**COMMON, "train": Section({"device": DEVICE, **{k: train_section(k) for k in KINDS}})}
 
 
 def make_sde(kind: str, schedule: dict, N: int | None = None):
@@ -110,7 +110,7 @@ def train_model(kind: str, cfg: dict, schedule: dict, x, device, run, ckpt_dir, 
 
 def run(params: dict, run, args) -> None:
     from scoresde.data import load_prepared
-    from scoresde.training import save_model
+    from scoresde.training import resolve_device, save_model
 
     from pipeline.stage import read_json
 
@@ -126,7 +126,7 @@ def run(params: dict, run, args) -> None:
     if not is_rank_zero():
         return
     info = {"kind": kind, "centered": cfg["centered"], "model": {k: v for k, v in cfg["model"].items() if v is not None},
-            "data_shape": list(data.x.shape[1:]), "dataset": data.meta.get("dataset"), "steps": result.steps_done,
+            "data_shape": list(data.x.shape[1:]), "dataset": data.meta.get("dataset"), "steps": result.final_step,
             "fingerprint": fp, "seed": params["seed"]}
     save_model(f"models/{kind}.pt", model, ema, info)
 
@@ -137,12 +137,12 @@ def run(params: dict, run, args) -> None:
             w = csv.writer(fh)
             w.writerow(["step", "loss"])
             w.writerows(losses)
-    metrics = {"final_loss": sum(tail) / len(tail), "steps": result.steps_done, "seconds": result.seconds,
+    metrics = {"final_loss": sum(tail) / len(tail), "steps": result.final_step, "seconds": result.seconds,
                "resumed_from_step": result.resumed_from or 0}
     write_json(f"reports/metrics/train_{kind}.json", metrics)
     run.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
     run.log_artifact(f"reports/plots/loss_{kind}.csv", "plots")
-    print(f"[train@{kind}] {result.steps_done} steps in {result.seconds:.1f} s, final loss {metrics['final_loss']:.4g}"
+    print(f"[train@{kind}] {result.final_step} steps in {result.seconds:.1f} s, final loss {metrics['final_loss']:.4g}"
           + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
 
 

@@ -25,6 +25,15 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, more threads only spin against other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------------
 # embeddings
 # ------------------------------------------------------------------------------------------------
@@ -102,37 +111,41 @@ def test_unet_starts_at_zero_and_learns():
     assert torch.count_nonzero(model(x + sigma[:, None, None, None] * z, sigma)) == 0
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(10):
         out = model(x + sigma[:, None, None, None] * z, sigma)
         loss = 0.5 * ((out + z) ** 2).sum(dim=(1, 2, 3)).mean()  # NCSN DSM with λ=σ², technique 3
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is not None for p in model.parameters())
 
 
-def _step_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+def _step_cpu_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Median CPU time (process time, one thread) of a forward + backward + Adam step."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     times = []
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = model(x, torch.rand(x.shape[0]) + 0.01)
         loss = (out - x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i:  # first step is warm-up
-            times.append(time.perf_counter() - t0)
+        if i:  # the first step is a warm-up
+            times.append(time.process_time() - t0)
     return sorted(times)[len(times) // 2]
 
 
 def test_unet_training_step_is_fast_on_cpu():
-    """Issue 2: a training step (forward + backward, batch 64) at 8x8 well under a second on CPU."""
+    """Issue 2: a training step (forward + backward, batch 64) at 8x8 well under a second on CPU.
+
+    CPU time rather than wall time, so other jobs on a shared machine do not make the test flaky.
+    """
     torch.manual_seed(0)
-    seconds = _step_seconds(ScoreUNet(), torch.rand(64, 1, 8, 8))
-    assert seconds < 1.0, f"8x8 batch-64 training step took {seconds:.3f}s"
+    seconds = _step_cpu_seconds(ScoreUNet(), torch.rand(64, 1, 8, 8))
+    assert seconds < 0.5, f"8x8 batch-64 training step took {seconds:.3f} s of CPU"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,10 +225,10 @@ def test_mlp_learns_gaussian_score():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = _gen(0)
     sigmas = torch.tensor([0.5, 1.0, 2.0])
-    for _ in range(300):
-        x = torch.randn(256, 2, generator=g)
-        sigma = sigmas[torch.randint(0, 3, (256,), generator=g)]
-        z = torch.randn(256, 2, generator=g)
+    for _ in range(250):
+        x = torch.randn(128, 2, generator=g)
+        sigma = sigmas[torch.randint(0, 3, (128,), generator=g)]
+        z = torch.randn(128, 2, generator=g)
         loss = 0.5 * ((model(x + sigma[:, None] * z, sigma) + z) ** 2).sum(1).mean()
         opt.zero_grad()
         loss.backward()

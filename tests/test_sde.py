@@ -27,7 +27,7 @@ def _euler_maruyama(sde, x0, t_end, n_steps, generator):
 @pytest.mark.parametrize("t_end", [0.5, 1.0])
 def test_marginal_prob_matches_euler_maruyama(name, t_end):
     sde = get_sde(name)
-    n, n_steps = 20000, 2000
+    n, n_steps = 10000, 1000
     g = torch.Generator().manual_seed(0)
     x0 = torch.tensor([[1.5, -2.0]], dtype=torch.float64).expand(n, 2)
     xt = _euler_maruyama(sde, x0, t_end, n_steps, g)
@@ -41,7 +41,7 @@ def test_marginal_prob_matches_euler_maruyama(name, t_end):
     emp_std = xt.std(dim=0)
     se = std / math.sqrt(n)
     # mean within 5 standard errors (plus a 1% discretisation allowance); std within 3% (sampling
-    # error ~0.5%, left-point rule bias of the fine EM grid < 1%).
+    # error ~0.7%, left-point rule bias of the EM grid < 1%).
     assert torch.allclose(emp_mean, mean[0], atol=5 * se + 0.01 * float(mean.abs().max()))
     assert torch.allclose(emp_std, torch.full_like(emp_std, std), rtol=0.03)
 
@@ -52,7 +52,8 @@ def test_prior_logp_is_the_analytic_gaussian(name, shape):
     sde = get_sde(name)
     prior_std = sde.sigma_max if name == "ve" else 1.0
     z = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * prior_std
-    expected = torch.distributions.Normal(0.0, prior_std).log_prob(z).reshape(shape[0], -1).sum(dim=1)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(prior_std, dtype=torch.float64))
+    expected = normal.log_prob(z).reshape(shape[0], -1).sum(dim=1)
     got = sde.prior_logp(z)
     assert got.shape == (shape[0],)
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-8)
@@ -96,9 +97,9 @@ def test_vp_ddpm_discretisation():
     beta = torch.linspace(0.1 / 1000, 20.0 / 1000, 1000)[idx]
     assert torch.allclose(f, (torch.sqrt(1 - beta)[:, None] - 1) * x, atol=1e-7)
     assert torch.allclose(G, torch.sqrt(beta))
-    # the discrete chain's alpha_bar_N approaches the continuous mean coefficient e^{-B(1)}
+    # the discrete chain's alpha_bar_N ~ e^{-sum beta_i - sum beta_i^2 / 2}, close to the continuous e^{-B(1)}
     ab = float(sde.alphas_cumprod[-1])
-    assert math.isclose(ab, math.exp(-(0.1 + 0.5 * 19.9)), rel_tol=0.05)
+    assert math.isclose(ab, math.exp(-(0.1 + 0.5 * 19.9)), rel_tol=0.1)
 
 
 @pytest.mark.parametrize("name", SDES)

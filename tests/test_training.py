@@ -32,7 +32,6 @@ from scoresde.training import (
     train,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_train_worker.py")
 _spec = importlib.util.spec_from_file_location("_train_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
@@ -196,6 +195,35 @@ def test_resume_after_inprocess_crash_is_bit_identical(tmp_path):
     again = run_inprocess(tmp_path / "run", steps=23)
     assert again.resumed_from == 23 and again.steps_done == 0
     assert_same_result(again, ref)
+
+
+def _unet_run(ckpt_dir, steps, loss_wrapper=None):
+    """Tiny ScoreUNet with dropout (uses torch's global RNG) on the VP SDE loss."""
+    from scoresde.losses import sde_dsm_loss
+    from scoresde.models import build_model, get_score_fn
+    from scoresde.sde import get_sde
+
+    sde = get_sde("vp")
+    model = build_model({"name": "unet", "ch": 8, "ch_mult": [1, 2], "attn_resolutions": [4], "dropout": 0.1,
+                         "embedding": "sinusoidal"}, (1, 8, 8), seed=0)
+    data = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def loss_fn(m, x, g):
+        return sde_dsm_loss(sde, get_score_fn(m, sde), x, generator=g)
+
+    if loss_wrapper is not None:
+        loss_fn = loss_wrapper(loss_fn)
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, ckpt_every=3, log_every=2, device="cpu")
+    return train(model, loss_fn, data, cfg, ckpt_dir, fingerprint="unet", progress=False)
+
+
+def test_unet_with_dropout_and_sde_loss_resumes_bit_identical(tmp_path):
+    ref = _unet_run(tmp_path / "ref", 7)
+    with pytest.raises(Interrupt):
+        _unet_run(tmp_path / "run", 7, loss_wrapper=interrupt_at(5))
+    res = _unet_run(tmp_path / "run", 7)
+    assert res.resumed_from == 3
+    assert_same_result(res, ref)
 
 
 def test_torn_checkpoint_is_ignored_and_older_one_used(tmp_path, caplog):

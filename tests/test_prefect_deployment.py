@@ -1,0 +1,209 @@
+"""The flow deployed on a real Prefect server and run by real process workers (slow).
+
+Everything is started and stopped here, bound to 127.0.0.1 on free ports, offline:
+``prefect server start``, process work pools, ``prefect --no-prompt deploy`` from this repository's
+``prefect.yaml`` (copied into a synthetic DVC project together with ``pipeline/``), and
+``prefect worker start --run-once``. MLflow logs to a SQLite file in the test's tmp directory.
+
+1. The ``local`` deployment runs the whole synthetic pipeline: the flow run completes, ``dvc status``
+   is clean, and MLflow holds the parent run with one nested run per stage.
+2. Two workers on two clones sharing one DVC directory remote: worker A runs ``work`` (and its
+   upstream) and pushes; worker B pulls/restores those and runs only the downstream ``report``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+OFFLINE = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
+for _k, _v in OFFLINE.items():
+    os.environ.setdefault(_k, _v)
+
+pytestmark = pytest.mark.slow
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("orchestration_bench", ROOT / "benchmarks" / "orchestration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process group this test started (its own session), politely first."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 10)):  # workers ignore the 1st TERM
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``prefect server start`` on 127.0.0.1:<free port> with its own PREFECT_HOME (fresh database)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, **OFFLINE, "PREFECT_HOME": str(home),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PREFECT_API_URL", None)
+    log = home / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
+        api = f"http://127.0.0.1:{port}/api"
+        yield {"api": api, "env": {**env, "PREFECT_API_URL": api}, "home": home}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def api(server):
+    """In-process Prefect client settings pointing at the test server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server["api"]}):
+        yield server
+
+
+def prefect_cli(server: dict, *args: str, cwd: Path, env: dict | None = None, timeout: float = 180):
+    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env={**server["env"], **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def run_worker(server: dict, pool: str, cwd: Path, env: dict, log: Path, timeout: float = 420) -> None:
+    """``prefect worker start --pool POOL --run-once``: picks up the scheduled run, exits when it is done."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
+                                cwd=cwd, env={**server["env"], **env}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        stop(proc)
+
+
+def flow_run_state(flow_run_id) -> tuple[str, str]:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+    return state.type.value, state.message or ""
+
+
+def create_pool(server: dict, name: str, cwd: Path) -> None:
+    prefect_cli(server, "work-pool", "create", name, "--type", "process", cwd=cwd)
+
+
+def test_local_deployment_on_a_process_worker(api, tmp_path):
+    from prefect.deployments import run_deployment
+
+    project = bench.make_synthetic_project(tmp_path / "project", sleep=0.5, mlflow=True, copy_pipeline=True)
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    create_pool(api, "local", tmp_path)
+    prefect_cli(api, "--no-prompt", "deploy", "--name", "local", cwd=project)  # from prefect.yaml
+
+    flow_run = run_deployment("reproduce/local", parameters={"max_workers": 2}, timeout=0)
+    log = tmp_path / "worker.log"
+    run_worker(api, "local", tmp_path, {"SCORESDE_REPO": str(project), "MLFLOW_TRACKING_URI": mlflow_uri}, log)
+    state, message = flow_run_state(flow_run.id)
+    assert state == "COMPLETED", f"{state}: {message}\n{log.read_text()[-4000:]}"
+
+    for rel in ["data/raw.json", "data/work_a.json", "data/work_b.json", "reports/report.json", "reports/metrics.json"]:
+        assert (project / rel).exists(), rel
+    assert "Data and pipelines are up to date" in bench.dvc(project, "status").stdout
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["synthetic"])
+    parents = runs[runs["tags.scoresde.role"] == "parent"]
+    assert len(parents) == 1, runs[["run_id", "tags.mlflow.runName"]]
+    parent = parents.iloc[0]
+    assert parent["status"] == "FINISHED"
+    assert parent["tags.prefect.flow_run_id"] == str(flow_run.id)
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    assert set(children["tags.dvc_stage"]) == {"prepare", "work@a", "work@b", "report"}
+    record = json.loads((project / "reports" / "report.json").read_text())
+    assert record["parent_run_id"] == parent["run_id"]
+
+
+def test_two_workers_exchange_stages_through_a_dvc_remote(api, tmp_path):
+    """Two hosts = two clones + two process workers sharing one directory DVC remote."""
+    from prefect.deployments import run_deployment
+
+    from pipeline.flow import reproduce
+
+    remote = tmp_path / "remote"
+    host_a = bench.make_synthetic_project(tmp_path / "host-a", sleep=0.2, remote=remote, copy_pipeline=True)
+    host_b = tmp_path / "host-b"
+    subprocess.run(["git", "clone", "-q", str(host_a), str(host_b)], check=True)
+
+    for host, pool, params in [(host_a, "host-a", {"targets": ["work"]}), (host_b, "host-b", {})]:
+        create_pool(api, pool, tmp_path)
+        reproduce.from_source(source=str(host), entrypoint="pipeline/flow.py:reproduce").deploy(
+            name=pool, work_pool_name=pool, print_next_steps=False,
+            parameters={"dvc_remote": "shared", "track": False, "max_workers": 2, **params})
+
+    for host, pool in [(host_a, "host-a"), (host_b, "host-b")]:
+        flow_run = run_deployment(f"reproduce/{pool}", timeout=0)
+        log = tmp_path / f"worker-{pool}.log"
+        run_worker(api, pool, host, {}, log)
+        state, message = flow_run_state(flow_run.id)
+        assert state == "COMPLETED", f"{pool}: {state}: {message}\n{log.read_text()[-4000:]}"
+
+    runs_a = (host_a / "runs.log").read_text().split()
+    runs_b = (host_b / "runs.log").read_text().split()
+    assert sorted(runs_a) == ["prepare", "work@a", "work@b"]
+    assert runs_b == ["report"], "worker B re-ran stages that worker A had pushed"
+    assert (host_b / "data" / "work_a.json").exists()
+    assert "Data and pipelines are up to date" in bench.dvc(host_b, "status").stdout
