@@ -582,6 +582,12 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
     params = _read_params(params_path)
     config = OrchestrationConfig.load(params_path)
     pipeline = load_pipeline(root, targets)
+    for spec in pipeline.stages.values():  # refuse shell syntax before anything runs
+        for cmd in spec.cmd:
+            try:
+                split_command(cmd)
+            except StageFailed as err:
+                raise StageFailed(f"stage {spec.name!r}: {err}") from None
     workers = int(max_workers or config["max_workers"] or os.cpu_count() or 1)
     flow_run_id, flow_run_name = _prefect_run_info()
     group = run_group or os.environ.get(GROUP_ENV) or f"prefect-{flow_run_name or 'local'}-{flow_run_id[:8] or os.getpid()}"
@@ -604,7 +610,9 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
                        gpu_slots=config["gpu_slots"])
     status = "FAILED"
     try:
+        stages_started = time.perf_counter()
         results, failures = _execute(pipeline, config, ctx, workers, keep_going, logger)
+        stages_s = time.perf_counter() - stages_started
         status = "FINISHED" if not failures else "FAILED"
     except BaseException:
         status = "KILLED"
@@ -619,7 +627,7 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
                 tracking.sync_lock_tags(str(params.get("experiment") or "scoresde"), group,
                                         Path(root) / "dvc.lock")
     summary = ", ".join(f"{name}: {action}" for name, action in results.items())
-    logger.info("pipeline finished in %.2f s: %s", time.perf_counter() - started, summary)
+    logger.info("pipeline finished in %.2f s (stages %.2f s): %s", time.perf_counter() - started, stages_s, summary)
     if failures:
         not_run = [n for n, a in results.items() if a.startswith("not run")]
         raise PipelineFailed(

@@ -61,6 +61,14 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+TRACKING_OFF_ENV = "SCORESDE_TRACKING"
+
+
+def tracking_disabled() -> bool:
+    """``SCORESDE_TRACKING=off`` runs stages without MLflow (outputs and DVC records only)."""
+    return os.environ.get(TRACKING_OFF_ENV, "").strip().lower() in {"off", "0", "false", "none"}
+
+
 def stage_main(stage: str, schema: dict[str, Spec], body: Callable[..., None], *,
                sde_choices: tuple[str, ...] | None = None, extra_args: Callable[[argparse.ArgumentParser], None] | None = None
                ) -> Callable[[list[str] | None], int]:
@@ -84,6 +92,11 @@ def stage_main(stage: str, schema: dict[str, Spec], body: Callable[..., None], *
 
         try:
             if not is_rank_zero():  # under torchrun only rank 0 tracks and writes outputs
+                body(params, NullRun(), args)
+                return 0
+            if tracking_disabled():  # a machine without MLflow (e.g. a bare GPU node): outputs only
+                print(f"[{name}] {TRACKING_OFF_ENV}={os.environ[TRACKING_OFF_ENV]}: not logging to MLflow",
+                      file=sys.stderr)
                 body(params, NullRun(), args)
                 return 0
             configure(params.get("tracking"))

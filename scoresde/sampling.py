@@ -10,7 +10,10 @@ Score-function conventions: ``score_fn(x)`` (data score) for :func:`langevin`; `
 sigma of shape (batch,) for :func:`annealed_langevin`; ``score_fn(x, t)`` with t of shape (batch,) for the
 SDE samplers. Everything is vectorised over the batch and every random number comes from ``generator``,
 which must live on the sampling device (samples are created on ``generator.device`` unless ``device`` is
-given). Samplers run under ``torch.no_grad()``; a score function that needs autograd must enable it itself.
+given). :func:`annealed_langevin` and the SDE samplers (network score functions) run under
+``torch.inference_mode()`` (no autograd bookkeeping, no version counters; the returned tensors are
+inference tensors: use them out of place); :func:`langevin` (often given an analytic or autograd-based
+data score) runs under ``torch.no_grad()``, and a score function that needs autograd must enable it itself.
 The SDE samplers return ``(x, nfe)`` where nfe counts calls of ``score_fn`` (one call = one batched evaluation).
 """
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
 import torch
 
 from . import sde as sde_lib
@@ -105,7 +107,7 @@ def langevin(
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def annealed_langevin(
     score_fn,
     x: torch.Tensor,
@@ -323,7 +325,7 @@ def get_corrector(name: str) -> type[Corrector]:
 
 
 # ------------------------------------------------------------------------------------- PC sampling
-@torch.no_grad()
+@torch.inference_mode()
 def pc_sampler(
     sde,
     score_fn,
@@ -369,7 +371,7 @@ def pc_sampler(
 
 
 # ------------------------------------------------------------------------------- probability flow
-@torch.no_grad()
+@torch.inference_mode()
 def ode_sampler(
     sde,
     score_fn,
@@ -435,7 +437,7 @@ def edm_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def heun_sampler(
     sde,
     score_fn,

@@ -31,6 +31,22 @@ DistributedDataParallel (NCCL on CUDA, gloo on CPU). All ranks draw the same glo
 the shared data-order generator and rank ``r`` takes slice ``[r*b/W, (r+1)*b/W)``, so the
 averaged gradient equals the single-process gradient on the same global batch; each rank has
 its own loss-noise generator. Logging, the progress bar and checkpoint writes happen on rank 0.
+
+Fast path (issue 7; the article names compute cost as score models' main weakness). Each knob is a
+:class:`TrainConfig` field whose ``"auto"`` resolves per device (:func:`resolve_fast_path`); on CPU every
+``"auto"`` resolves to the plain fp32 eager path, bit-identical to the engine without these options:
+
+* ``amp`` + ``amp_dtype``: ``torch.autocast`` in bfloat16 (``"auto"`` on a GPU that supports it; no
+  grad scaler needed) or float16 (with a GradScaler); CUDA only.
+* ``channels_last``: model and image batches in ``torch.channels_last`` (NHWC), which the
+  tensor-core convolution kernels prefer; ``"auto"`` = on for CUDA with 4-D image data.
+* ``optimizer_impl``: Adam's ``fused`` (one kernel for all parameters; ``"auto"`` on CUDA), ``foreach``
+  (multi-tensor) or ``for_loop`` implementation; with fused/foreach the EMA update is also multi-tensor.
+* ``compile``: ``torch.compile`` of the module used for the training forward; EMA, checkpoints and
+  the returned model use the uncompiled module (state_dict keys unchanged).
+* no host-device synchronisation inside a step: losses and gradient norms stay on the device and are
+  fetched every ``min(log_every, ckpt_every, 25)`` steps; small datasets are kept on the device, larger
+  ones are gathered from pinned host memory.
 """
 
 from __future__ import annotations
@@ -78,12 +94,17 @@ __all__ = [
     "load_model_state",
     "resolve_device",
     "unwrap_model",
+    "FastPath",
+    "resolve_fast_path",
 ]
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{8,})\.pt$")
 _TMP_PREFIX = ".tmp-"
 _KEEP_CHECKPOINTS = 2
 _CKPT_FORMAT = 1
+
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 LogFn = Callable[[int, dict], None]
@@ -151,7 +172,12 @@ class TrainConfig:
     ``grad_clip`` is the max global gradient norm (``None`` disables clipping).
     ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     ``amp``: mixed precision (``torch.autocast`` in ``amp_dtype``, plus a GradScaler for float16);
-    only used on CUDA, ignored on CPU.
+    only used on CUDA, ignored on CPU. ``amp_dtype``: ``"auto"`` (bfloat16 where the CUDA device
+    supports it, else float16), ``"float16"`` or ``"bfloat16"``.
+    ``channels_last``: ``True``/``False``/``"auto"`` (on for CUDA with 4-D image data, off on CPU).
+    ``optimizer_impl``: Adam implementation, ``"auto"`` (fused on CUDA, torch's default on CPU),
+    ``"fused"``, ``"foreach"`` or ``"for_loop"``.
+    ``compile``: ``torch.compile`` the model for the training forward (default off).
     ``handle_signals``: on SIGTERM/SIGINT write a checkpoint at the next step and stop.
     ``ddp_find_unused_parameters``: passed to DistributedDataParallel (models with unused branches).
     """
@@ -167,7 +193,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    amp_dtype: str = "float16"
+    amp_dtype: str = "auto"
+    channels_last: bool | str = "auto"
+    optimizer_impl: str = "auto"
+    compile: bool = False
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -209,9 +238,13 @@ class TrainConfig:
             raise bad("weight_decay", "a non-negative number")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.amp_dtype not in ("float16", "bfloat16"):
-            raise bad("amp_dtype", "'float16' or 'bfloat16'")
-        for name in ("amp", "handle_signals", "ddp_find_unused_parameters"):
+        if not isinstance(self.amp_dtype, str) or self.amp_dtype not in AMP_DTYPES:
+            raise bad("amp_dtype", "'auto', 'float16' or 'bfloat16'")
+        if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
+            raise bad("channels_last", "true, false or 'auto'")
+        if not isinstance(self.optimizer_impl, str) or self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise bad("optimizer_impl", "one of " + ", ".join(repr(v) for v in OPTIMIZER_IMPLS))
+        for name in ("amp", "compile", "handle_signals", "ddp_find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a boolean")
 
@@ -238,6 +271,7 @@ class TrainResult:
     seconds: float
     final_step: int = 0
     checkpoint: Path | None = None
+    fast_path: dict | None = None  # the resolved fast-path settings (FastPath.to_dict())
 
 
 # --------------------------------------------------------------------------------------
@@ -267,6 +301,110 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The fast-path settings a :class:`TrainConfig` resolves to on one device (see :func:`resolve_fast_path`)."""
+
+    device: str
+    amp: bool                     # autocast on
+    amp_dtype: str                # "float16" | "bfloat16" (meaningful when amp)
+    grad_scaler: bool             # GradScaler on (float16 autocast)
+    channels_last: bool
+    optimizer_impl: str           # "fused" | "foreach" | "for_loop" | "default" (torch's own choice)
+    compile: bool
+    multi_tensor_ema: bool        # EMA updated with torch._foreach_* (with fused/foreach Adam)
+    cudnn_benchmark: bool
+
+    @property
+    def amp_torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.amp_dtype == "bfloat16" else torch.float16
+
+    def optimizer_kwargs(self) -> dict:
+        """Keyword arguments selecting Adam's implementation (empty = torch's default, as before issue 7)."""
+        return {"fused": {"fused": True}, "foreach": {"foreach": True},
+                "for_loop": {"foreach": False, "fused": False}}.get(self.optimizer_impl, {})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _cuda_supports_bf16(device: torch.device) -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # older torch without the keyword
+        return bool(torch.cuda.is_bf16_supported())
+    except Exception:  # pragma: no cover - no driver
+        return False
+
+
+def resolve_fast_path(config: "TrainConfig", device: torch.device | str, data_ndim: int = 4) -> FastPath:
+    """Resolve the ``"auto"`` fast-path options of ``config`` for ``device`` and data with ``data_ndim`` dims.
+
+    CUDA: bf16 autocast (fp16 + GradScaler where bf16 is unsupported), channels-last for image batches
+    (``data_ndim == 4``), fused Adam, cuDNN autotuning. CPU: every ``"auto"`` is the plain fp32 eager path
+    (autocast is never used on CPU; explicit ``channels_last=True`` / ``optimizer_impl`` are honoured).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    amp = bool(config.amp) and cuda
+    if config.amp_dtype == "auto":
+        amp_dtype = "bfloat16" if cuda and _cuda_supports_bf16(device) else "float16"
+    else:
+        amp_dtype = config.amp_dtype
+    channels_last = (cuda and data_ndim == 4) if config.channels_last == "auto" else bool(config.channels_last)
+    channels_last = channels_last and data_ndim == 4
+    impl = config.optimizer_impl
+    if impl == "auto":
+        impl = "fused" if cuda else "default"
+    return FastPath(
+        device=str(device), amp=amp, amp_dtype=amp_dtype, grad_scaler=amp and amp_dtype == "float16",
+        channels_last=channels_last, optimizer_impl=impl, compile=bool(config.compile),
+        multi_tensor_ema=impl in ("fused", "foreach"), cudnn_benchmark=cuda and (amp or channels_last),
+    )
+
+
+class _MultiTensorEMA:
+    """Applies :meth:`scoresde.models.EMA.update` with ``torch._foreach_*`` kernels: the same arithmetic
+    (``shadow <- decay*shadow + (1-decay)*theta`` for float parameters, copies for buffers) in a few
+    launches instead of two per tensor. The model's state_dict tensors are views of its parameters, so
+    the lists are built once. Falls back to ``ema.update`` if the EMA does not expose its shadow."""
+
+    def __init__(self, ema: Any, model: nn.Module):
+        self.ema = ema
+        self.ok = False
+        names = getattr(ema, "_param_names", None)
+        shadow = getattr(ema, "shadow", None)
+        if not isinstance(names, (set, frozenset)) or not isinstance(shadow, dict) or not hasattr(ema, "_current_decay"):
+            return
+        self.ps, self.pm, self.bs, self.bm = [], [], [], []
+        for k, v in unwrap_model(model).state_dict().items():
+            s = shadow.get(k)
+            if s is None:
+                return
+            if k in names and s.dtype == v.dtype and s.device == v.device:
+                self.ps.append(s)
+                self.pm.append(v)
+            elif k in names:
+                return
+            else:
+                self.bs.append(s)
+                self.bm.append(v)
+        self.ok = True
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if not self.ok:
+            self.ema.update(model)
+            return
+        self.ema.num_updates += 1
+        decay = self.ema._current_decay()
+        if self.ps:
+            torch._foreach_mul_(self.ps, decay)
+            torch._foreach_add_(self.ps, self.pm, alpha=1.0 - decay)
+        for s, v in zip(self.bs, self.bm):
+            s.copy_(v)
 
 
 class _DDP(nn.parallel.DistributedDataParallel):
@@ -744,6 +882,21 @@ class _StopFlag:
 # --------------------------------------------------------------------------------------
 
 
+def _with_optimizer_impl(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved optimizer state with its per-group implementation flags (``fused``/``foreach``) replaced
+    by the current optimizer's, so a checkpoint written with one implementation (e.g. fused on a GPU)
+    resumes with the one configured now (load_state_dict would otherwise restore the saved flags, and
+    place Adam's step counters for them)."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not groups:
+        return state
+    current = optimizer.param_groups[0]
+    keys = [k for k in ("fused", "foreach", "capturable") if k in current]
+    if all(g.get(k) == current[k] for g in groups for k in keys):
+        return state
+    return {**state, "param_groups": [{**g, **{k: current[k] for k in keys}} for g in groups]}
+
+
 def _make_ema(model: nn.Module, decay: float):
     from scoresde.models import EMA  # imported lazily: models.py is a sibling module
 
@@ -799,18 +952,52 @@ def train(
             torch.distributed.destroy_process_group()
 
 
-def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress, dist, device, t_start):
-    from tqdm import tqdm
+def _progress_bar(**kw):
+    """tqdm when installed (a bare GPU image may lack it), else a silent stand-in."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - depends on the environment
+        class _NoBar:
+            def __init__(self, **_):
+                pass
 
+            def update(self, n=1):
+                pass
+
+            def set_postfix(self, *a, **k):
+                pass
+
+            def close(self):
+                pass
+
+        return _NoBar(**kw)
+    return tqdm(**kw)
+
+
+def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress, dist, device, t_start):
+    prev_cudnn_benchmark = torch.backends.cudnn.benchmark
+    try:
+        return _train_impl(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress, dist, device,
+                           t_start)
+    finally:
+        torch.backends.cudnn.benchmark = prev_cudnn_benchmark
+
+
+def _train_impl(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress, dist, device, t_start):
     W, rank = dist.world_size, dist.rank
     if config.batch_size % W != 0:
         raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be divisible by the world size {W}")
     local_b = config.batch_size // W
     is_main = rank == 0
 
-    use_amp = bool(config.amp) and device.type == "cuda"
-    amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
-    use_scaler = use_amp and amp_dtype == torch.float16
+    fast = resolve_fast_path(config, device, data.ndim)
+    use_amp = fast.amp
+    amp_dtype = fast.amp_torch_dtype
+    use_scaler = fast.grad_scaler
+    if fast.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels (restored after)
+    if is_main and device.type == "cuda":
+        logger.info("training fast path on %s: %s", device, fast.to_dict())
 
     # Data: keep it on the device when small enough, else gather batches from host memory.
     n = data.shape[0]
@@ -819,10 +1006,14 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
     pin = device.type == "cuda" and data.device.type == "cpu"
 
     model = unwrap_model(model).to(device)
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        if data.device.type != "cpu":
+            data = data.contiguous(memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-        weight_decay=config.weight_decay,
+        weight_decay=config.weight_decay, **fast.optimizer_kwargs(),
     )
     scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=use_scaler)
     sampler = _BatchSampler(n, _derive_seed(config.seed, _STREAM_DATA, 0))  # same on all ranks
@@ -832,9 +1023,12 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
     # DDP broadcasts rank 0's parameters and buffers here, so every rank starts (and builds its EMA)
     # from the same weights; a resumed checkpoint is then loaded identically on every rank.
     train_model: nn.Module = model
+    if fast.compile:
+        # Only the training forward is compiled; `model` (EMA, checkpoints, result) stays the plain module.
+        train_model = torch.compile(model)
     if dist.enabled:
         train_model = _DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            train_model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=config.ddp_find_unused_parameters,
         )
 
@@ -861,7 +1055,7 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
         model.load_state_dict(ckpt["model"])
         ema = _make_ema(model, config.ema_decay)
         ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(_with_optimizer_impl(ckpt["optimizer"], optimizer))
         if use_scaler and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
@@ -890,6 +1084,7 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
 
     params = [p for p in model.parameters() if p.requires_grad]
     last_ckpt: Path | None = None
+    ema_updater = _MultiTensorEMA(ema, model) if fast.multi_tensor_ema else ema
 
     def save_checkpoint(step: int) -> Path | None:
         """Collective: gather per-rank RNG, rank 0 writes atomically, barrier."""
@@ -955,7 +1150,7 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
         pending = []
         return stop_signal
 
-    bar = tqdm(
+    bar = _progress_bar(
         total=config.steps, initial=start_step, disable=not (progress and is_main), desc="train",
         dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
     )
@@ -977,6 +1172,8 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
                     if pin:
                         x = x.pin_memory()
                     x = x.to(device, non_blocking=pin)
+                if fast.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
 
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
@@ -992,7 +1189,7 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
                     gnorm = torch.zeros((), device=device)
                 scaler.step(optimizer)
                 scaler.update()
-                ema.update(model)
+                ema_updater.update(model)
                 step += 1
                 pending.append(torch.stack([loss.detach().float(), gnorm.detach().float().reshape(())]))
 
@@ -1043,4 +1240,5 @@ def _train(model, loss_fn, data, config, ckpt_dir, fingerprint, log_fn, progress
         seconds=time.perf_counter() - t_start,
         final_step=step,
         checkpoint=last_ckpt,
+        fast_path=fast.to_dict(),
     )

@@ -13,8 +13,8 @@ without a model (``"skipped"`` says why) so the DAG stays the same for every dat
 """
 from __future__ import annotations
 
-from pipeline.params import COMMON, Float, Int, OrAuto, Section, Str
-from pipeline.stage import Timer, atomic_path, resolve_device, stage_main, write_json
+from pipeline.params import COMMON, DEVICE, Float, Int, OrAuto, Section
+from pipeline.stage import Timer, atomic_path, stage_main, write_json
 
 DATA = "data/prepared/data.parquet"
 OUT_MODEL = "models/classifier.pt"
@@ -25,11 +25,12 @@ MIN_ACCURACY = {"digits": 0.95, "mnist": 0.97, "cifar10": 0.6}
 SCHEMA = {
     **COMMON,
     "classifier": Section({
-        "device": Str("auto"),
-        "epochs": Int(20, ge=1, le=10_000),
+        "device": DEVICE,
+        "epochs": Int(30, ge=1, le=10_000),
         "batch_size": Int(128, ge=1, le=1_000_000),
         "lr": Float(2e-3, gt=0, le=1),
-        "weight_decay": Float(1e-4, ge=0, le=1),
+        "weight_decay": Float(5e-4, ge=0, le=1),
+        "label_smoothing": Float(0.1, ge=0, lt=1),
         "shift": Int(1, ge=0, le=8),
         "width": Int(32, ge=1, le=1024),
         "feature_dim": Int(128, ge=2, le=8192),
@@ -52,6 +53,8 @@ def skip(reason: str, dataset: str, run) -> None:
 def run(params: dict, run, args) -> None:
     import torch
 
+    from scoresde.training import resolve_device
+
     from pipeline.fidelity import extractor_name
     from scoresde.classifier import ClassifierConfig, accuracy, train_classifier
     from scoresde.data import load_prepared
@@ -66,6 +69,7 @@ def run(params: dict, run, args) -> None:
         return skip(f"{dataset} has no class labels (use Inception-v3: evaluate.inception_weights)", dataset, run)
     test = load_prepared(DATA, split="test")
     device = resolve_device(p["device"])
+    threads = torch.get_num_threads()
     if device.type == "cpu" and p["threads"] != "auto":
         # Small convolutions gain nothing from more threads, and on shared cores they lose ~10x.
         torch.set_num_threads(p["threads"])
@@ -80,9 +84,13 @@ def run(params: dict, run, args) -> None:
         run.log_metrics({"train_loss": loss}, step=epoch)
 
     with Timer() as timer:
-        model = train_classifier(train.x, train.labels, config, epochs=p["epochs"], batch_size=p["batch_size"],
-                                 lr=p["lr"], weight_decay=p["weight_decay"], shift=p["shift"],
-                                 generator=generator, device=device, log=log)
+        try:
+            model = train_classifier(train.x, train.labels, config, epochs=p["epochs"], batch_size=p["batch_size"],
+                                     lr=p["lr"], weight_decay=p["weight_decay"], shift=p["shift"],
+                                     label_smoothing=p["label_smoothing"],
+                                     generator=generator, device=device, log=log)
+        finally:
+            torch.set_num_threads(threads)
     acc = accuracy(model, test.x, test.labels)
     train_acc = accuracy(model, train.x, train.labels)
     name = extractor_name(dataset)

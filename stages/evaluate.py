@@ -17,7 +17,7 @@ Toy data (2-D points): ``sliced_wasserstein_n<N>`` (vs the reference points) and
 from __future__ import annotations
 
 from pipeline.params import COMMON
-from pipeline.stage import Timer, read_json, resolve_device, stage_main, write_json
+from pipeline.stage import Timer, read_json, stage_main, write_json
 from stages.fid_ref import CLASSIFIER, EVALUATE
 from stages.fid_ref import OUT as REF
 
@@ -53,6 +53,7 @@ def run(params: dict, run, args) -> None:
     import numpy as np
 
     from pipeline import fidelity as fd
+    from scoresde.training import resolve_device
 
     kind, e = args.sde, params["evaluate"]
     with np.load(f"data/samples/{kind}.npz", allow_pickle=False) as z:

@@ -16,8 +16,8 @@ mode-weight errors.
 """
 from __future__ import annotations
 
-from pipeline.params import COMMON, Bool, Int, Optional, OrAuto, Section, Str
-from pipeline.stage import Timer, atomic_path, resolve_device, stage_main, write_json
+from pipeline.params import COMMON, DEVICE, Bool, Int, Optional, OrAuto, Section, Str
+from pipeline.stage import Timer, atomic_path, stage_main, write_json
 from stages.prepare import SCHEMA as PREPARE_SCHEMA
 
 DATA = "data/prepared/data.parquet"
@@ -26,7 +26,7 @@ OUT = "data/fid/ref_stats.npz"
 OUT_METRICS = "reports/metrics/fid_ref.json"
 
 EVALUATE = Section({
-    "device": Str("auto"),
+    "device": DEVICE,
     "batch_size": Int(256, ge=1, le=100_000),
     "n": OrAuto(Int(ge=2), default="auto"),
     "reference_split": Str("train", choices=("train", "test", "all")),
@@ -54,6 +54,8 @@ def _subset(n_total: int, n_max: int, seed: int):
 def run(params: dict, run, args) -> None:
     import numpy as np
     import torch
+
+    from scoresde.training import resolve_device
 
     from pipeline import fidelity as fd
     from scoresde.data import load_prepared

@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.params import COMMON, DEVICE, Bool, Float, Int, List, Optional, Section, Str
+from pipeline.params import COMMON, DEVICE, Bool, Float, Int, List, Optional, OrAuto, Section, Str
 from pipeline.stage import atomic_path, is_rank_zero, stage_main, write_json
 
 KINDS = ("ncsn", "ve", "vp", "subvp")
@@ -35,6 +35,16 @@ MODEL = Section({
 })
 
 
+# Training fast-path knobs (optional; defaults keep today's behaviour: on CPU "auto" is plain fp32 eager).
+FAST_PATH = {
+    "amp": OrAuto(Bool(), default="auto"),                        # autocast on CUDA (auto = on)
+    "amp_dtype": Str("auto", choices=("auto", "float16", "bfloat16")),  # auto = bf16 where supported
+    "channels_last": OrAuto(Bool(), default="auto"),              # auto = on for CUDA image batches
+    "compile": Bool(False),                                       # torch.compile the training forward
+    "optimizer_impl": Str("auto", choices=("auto", "fused", "foreach", "for_loop")),  # auto = fused on CUDA
+}
+
+
 def train_section(kind: str) -> Section:
     fields = {
         "steps": Int(ge=1, le=10_000_000),
@@ -47,6 +57,8 @@ def train_section(kind: str) -> Section:
         "log_every": Int(ge=1),
         "centered": Bool(),
         "model": MODEL,
+        # speed only (issue 7; scoresde.training.resolve_fast_path): "auto" = on where the device benefits
+        **FAST_PATH,
     }
     if kind == "ncsn":
         fields["anneal_power"] = Float(2.0, ge=0, le=4)
@@ -98,11 +110,14 @@ def train_model(kind: str, cfg: dict, schedule: dict, x, device, run, ckpt_dir, 
     from scoresde.training import TrainConfig, train
 
     model_cfg = {k: v for k, v in cfg["model"].items() if v is not None}
-    model = build_model(model_cfg, tuple(x.shape[1:]))
+    model = build_model(model_cfg, tuple(x.shape[1:]), seed=seed)  # seeded init: the run is reproducible
     data = to_model_space(x, cfg["centered"]) if x.dim() == 4 else x
     config = TrainConfig(steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], ema_decay=cfg["ema_decay"],
                          grad_clip=cfg["grad_clip"], warmup=cfg["warmup"], ckpt_every=cfg["ckpt_every"],
-                         log_every=cfg["log_every"], seed=seed, device=str(device))
+                         log_every=cfg["log_every"], seed=seed, device=str(device),
+                         amp=cfg.get("amp", "auto") in ("auto", True), amp_dtype=cfg.get("amp_dtype", "auto"),
+                         channels_last=cfg.get("channels_last", "auto"), compile=cfg.get("compile", False),
+                         optimizer_impl=cfg.get("optimizer_impl", "auto"))
     result = train(model, build_objective(kind, cfg, schedule, device), data, config, Path(ckpt_dir),
                    fingerprint=fingerprint, log_fn=lambda step, m: run.log_metrics(m, step=step), progress=progress)
     return result.model, result.ema, result
@@ -120,7 +135,9 @@ def run(params: dict, run, args) -> None:
     schedule = read_json("data/noise/schedule.json")
     data_file = Path("data/prepared/data.parquet")
     data = load_prepared(data_file, split="train")
-    fp = fingerprint(kind, cfg, schedule, params["seed"], hashlib.md5(data_file.read_bytes()).hexdigest())
+    # The speed knobs do not change what is trained: left out so a run can resume with other ones.
+    fp_cfg = {k: v for k, v in cfg.items() if k not in FAST_PATH}
+    fp = fingerprint(kind, fp_cfg, schedule, params["seed"], hashlib.md5(data_file.read_bytes()).hexdigest())
 
     model, ema, result = train_model(kind, cfg, schedule, data.x, device, run, f"checkpoints/{kind}", fp, seed=params["seed"])
     if not is_rank_zero():

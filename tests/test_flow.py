@@ -42,6 +42,7 @@ def _load_bench():
 
 bench = _load_bench()
 dvc = bench.dvc
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:dvc.*")  # DVC's own pygtrie usage
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,19 @@ def tiny_params(params: dict) -> dict:
 
 
 # Other stages' sections (evaluation, experiments): shrunk the same way.
-TINY_EXTRA: dict = {}
+TINY_EXTRA: dict = {
+    "classifier": {"epochs": 8},
+    "evaluate": {"n_reference": 400, "kid_subsets": 5},
+    "toy": {"n": 400, "n_learned": 200, "n_steps_each": 4,
+            "train": {"steps": 20, "batch_size": 64, "warmup": 0, "n_data": 400, "ckpt_every": 10, "log_every": 5}},
+    "annealing": {"n": 8, "batch_size": 8, "n_steps_each": 2, "n_show": 8},
+    "ablation": {"train": {"steps": 4, "batch_size": 16, "warmup": 0, "ckpt_every": 2, "log_every": 2,
+                           "model": {"ch": 8, "attn_resolutions": []}},
+                 "sample": {"n": 8, "batch_size": 8, "n_steps_each": 2}, "n_show": 8},
+    "samplers": {"n": 8, "batch_size": 8, "n_show": 8, "pc": {"steps": 4}, "reverse_diffusion": {"steps": 4},
+                 "ode": {"rtol": 1.0e-2, "atol": 1.0e-2}, "heun": {"num_steps": 3},
+                 "annealed_langevin": {"n_steps_each": 2}},
+}
 
 
 def _deep_update(d: dict, u: dict) -> None:

@@ -147,10 +147,23 @@ def create_pool(server: dict, name: str, cwd: Path) -> None:
 def test_local_deployment_on_a_process_worker(api, tmp_path):
     from prefect.deployments import run_deployment
 
-    project = bench.make_synthetic_project(tmp_path / "project", sleep=0.5, mlflow=True, copy_pipeline=True)
+    # work@a / work@b play the GPU stages here: tagged "gpu", and the documented limit allows one at a time
+    project = bench.make_synthetic_project(
+        tmp_path / "project", sleep=1.0, mlflow=True, copy_pipeline=True,
+        prefect={"retries": 1, "retry_delay_seconds": 0.5, "gpu_stages": ["work*"]})
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     create_pool(api, "local", tmp_path)
-    prefect_cli(api, "--no-prompt", "deploy", "--name", "local", cwd=project)  # from prefect.yaml
+    create_pool(api, "gpu", tmp_path)
+    prefect_cli(api, "concurrency-limit", "create", "gpu", "1", cwd=tmp_path)
+    prefect_cli(api, "--no-prompt", "deploy", "--all", cwd=project)  # both deployments of prefect.yaml
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        gpu = client.read_deployment_by_name("reproduce/gpu")
+    assert gpu.work_pool_name == "gpu" and "gpu" in gpu.tags
+    assert gpu.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert gpu.parameters["targets"] == ["train", "sample"]
 
     flow_run = run_deployment("reproduce/local", parameters={"max_workers": 2}, timeout=0)
     log = tmp_path / "worker.log"
@@ -175,6 +188,10 @@ def test_local_deployment_on_a_process_worker(api, tmp_path):
     assert set(children["tags.dvc_stage"]) == {"prepare", "work@a", "work@b", "report"}
     record = json.loads((project / "reports" / "report.json").read_text())
     assert record["parent_run_id"] == parent["run_id"]
+
+    # the `gpu` tag concurrency limit (1) kept the two gpu-tagged stages apart
+    a, b = (json.loads((project / "data" / f"work_{i}.json").read_text()) for i in "ab")
+    assert min(a["end"], b["end"]) <= max(a["start"], b["start"]) + 0.05, (a, b)
 
 
 def test_two_workers_exchange_stages_through_a_dvc_remote(api, tmp_path):
