@@ -170,12 +170,12 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nsampling cost: {desc}; {args.n} images of shape {shape} in batches of {bs}")
     print(f"device: {dev_name}; torch {torch.__version__}")
-    print(f"{'sampler':<44} {'variant':<20} {'NFE':>6} {'seconds':>9} {'images/s':>10} {'s/1000 img':>11}")
+    print(f"{'sampler':<44} {'variant':<22} {'NFE':>6} {'seconds':>9} {'images/s':>10} {'s/1000 img':>11}")
     for r in rows:
         if "error" in r:
-            print(f"{r['sampler']:<44} {r['variant']:<20} failed: {r['error'][:80]}")
+            print(f"{r['sampler']:<44} {r['variant']:<22} failed: {r['error'][:80]}")
             continue
-        print(f"{r['label']:<44} {r['variant']:<20} {r['nfe']:>6} {r['seconds']:>9.2f} {r['images_per_s']:>10.2f} "
+        print(f"{r['label']:<44} {r['variant']:<22} {r['nfe']:>6} {r['seconds']:>9.2f} {r['images_per_s']:>10.2f} "
               f"{r['s_per_1000_images']:>11.1f}")
     by = {}
     for r in rows:

@@ -171,6 +171,19 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"):
     return model, info
 
 
+def prepare_extractor(name: str, extra: dict, classifier: str | Path, device: torch.device | str = "cpu") -> str | None:
+    """Make extractor ``name`` of a cached reference usable; returns the weights path to pass on (Inception only).
+
+    Inception-v3 uses the weights file the ``fid_ref`` stage resolved (kept in the reference's ``extra``);
+    a classifier extractor is loaded from ``classifier`` and registered with torch-fidelity under ``name``.
+    """
+    if name == INCEPTION:
+        return str(extra["inception_weights"]) or None
+    model, _ = load_classifier(classifier, device)
+    register_classifier(name, model)
+    return None
+
+
 # ---------------------------------------------------------------- Inception
 def default_inception_file() -> Path:
     """Where torch.hub (and so torch-fidelity) looks for the Inception weights it would download."""

@@ -597,6 +597,10 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
         logger.info("not run by the flow (no command: data sources/imports): %s", ", ".join(pipeline.skipped))
 
     env: dict[str, str] = {GROUP_ENV: group}
+    # Stages running side by side would each start one torch thread per core and fight over the cores:
+    # give each its share, unless the user pinned the thread count.
+    if "OMP_NUM_THREADS" not in os.environ and workers > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     parent_id = None
     if track:
         parent_id, uri = _start_tracking(root, params, group, {

@@ -324,11 +324,18 @@ def check_all(params_file: str | Path = PARAMS_FILE, dvc_file: str | Path = "dvc
         params = read_params(params_file)
     except ParamsError as err:
         return [str(err)]
-    for mod, schema in all_schemas(dvc_file).items():
+    schemas = all_schemas(dvc_file)
+    for mod, schema in schemas.items():
         try:
             validate(schema, params)
         except ParamsError as err:
             errors.append(f"{mod}: {err}")
+    # A top-level section no stage reads is a typo (`trian:`) or a leftover: say which.
+    known = {key for schema in schemas.values() for key in schema} | {"prefect"}  # prefect: read by pipeline.flow
+    for key in sorted(set(params) - known):
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {sorted(known)}"
+        errors.append(f"{params_file}: {key}: unknown top-level section{hint}")
     return errors
 
 

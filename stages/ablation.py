@@ -98,7 +98,7 @@ def run(params: dict, run, args) -> None:
     from scoresde.data import load_prepared
     from stages.annealing import describe, plot_grid, quality_metrics, save_figure
     from stages.sample import generate
-    from stages.train import fingerprint, train_model
+    from stages.train import fingerprint, train_model, what_is_trained
 
     p, seed = params["ablation"], params["seed"]
     value = args.sigma_end
@@ -114,7 +114,7 @@ def run(params: dict, run, args) -> None:
     schedule = ablation_schedule(read_json(SCHEDULE), sigma_end, p["num_levels"])
     data = load_prepared(DATA, split="train")
     cfg = p["train"]
-    fp = fingerprint("ablation", cfg, schedule["sigmas"], seed, hashlib.md5(Path(DATA).read_bytes()).hexdigest())
+    fp = fingerprint("ablation", what_is_trained(cfg), schedule["sigmas"], seed, hashlib.md5(Path(DATA).read_bytes()).hexdigest())
     with torch.random.fork_rng(devices=[]):  # the network's initial weights come from the global RNG: seed them
         torch.manual_seed(seed)
         model, ema, result = train_model("ncsn", cfg, schedule, data.x, device, run, f"checkpoints/ablation_{value}",

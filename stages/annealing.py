@@ -69,12 +69,7 @@ def quality_metrics(x, seed: int, device, n: int | None = None, reference: str =
     device = torch.device(device)
     metrics: dict[str, float] = {}
     for name, ref in refs.items():
-        weights = None
-        if name == fd.INCEPTION:
-            weights = str(extra["inception_weights"]) or None
-        else:
-            model, _ = fd.load_classifier(classifier, device)
-            fd.register_classifier(name, model)
+        weights = fd.prepare_extractor(name, extra, classifier, device)
         metrics.update(fd.compute_fid_kid(images, ref, name, n, cuda=device.type == "cuda", seed=seed,
                                           weights_path=weights))
     return metrics

@@ -78,12 +78,7 @@ def run(params: dict, run, args) -> None:
             device = resolve_device(e["device"])
             extractors = []
             for name, ref in refs.items():
-                weights = None
-                if name == fd.INCEPTION:
-                    weights = str(extra["inception_weights"]) or None
-                else:
-                    model, _ = fd.load_classifier(CLASSIFIER, device)
-                    fd.register_classifier(name, model)
+                weights = fd.prepare_extractor(name, extra, CLASSIFIER, device)
                 got = fd.compute_fid_kid(x, ref, name, n, cuda=device.type == "cuda", batch_size=e["batch_size"],
                                          kid_subsets=e["kid_subsets"], kid_subset_size=e["kid_subset_size"],
                                          seed=params["seed"], weights_path=weights)

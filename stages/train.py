@@ -37,9 +37,9 @@ MODEL = Section({
 
 # Training fast-path knobs (optional; defaults keep today's behaviour: on CPU "auto" is plain fp32 eager).
 FAST_PATH = {
-    "amp": OrAuto(Bool(), default="auto"),                        # autocast on CUDA (auto = on)
+    "amp": OrAuto(Bool(), default="auto"),                        # autocast on CUDA (auto = off: see training.py)
     "amp_dtype": Str("auto", choices=("auto", "float16", "bfloat16")),  # auto = bf16 where supported
-    "channels_last": OrAuto(Bool(), default="auto"),              # auto = on for CUDA image batches
+    "channels_last": OrAuto(Bool(), default="auto"),              # auto = on for CUDA image batches under amp
     "compile": Bool(False),                                       # torch.compile the training forward
     "optimizer_impl": Str("auto", choices=("auto", "fused", "foreach", "for_loop")),  # auto = fused on CUDA
 }
@@ -82,6 +82,12 @@ def make_sde(kind: str, schedule: dict, N: int | None = None):
     return get_sde(kind, **p)
 
 
+def what_is_trained(cfg: dict) -> dict:
+    """A train section without its speed knobs: they do not change what is trained, so a run can resume
+    from a checkpoint written with other ones (the checkpoint fingerprint is built from this)."""
+    return {k: v for k, v in cfg.items() if k not in FAST_PATH}
+
+
 def fingerprint(*parts) -> str:
     return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -115,7 +121,7 @@ def train_model(kind: str, cfg: dict, schedule: dict, x, device, run, ckpt_dir, 
     config = TrainConfig(steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], ema_decay=cfg["ema_decay"],
                          grad_clip=cfg["grad_clip"], warmup=cfg["warmup"], ckpt_every=cfg["ckpt_every"],
                          log_every=cfg["log_every"], seed=seed, device=str(device),
-                         amp=cfg.get("amp", "auto") in ("auto", True), amp_dtype=cfg.get("amp_dtype", "auto"),
+                         amp=cfg.get("amp", "auto") is True, amp_dtype=cfg.get("amp_dtype", "auto"),
                          channels_last=cfg.get("channels_last", "auto"), compile=cfg.get("compile", False),
                          optimizer_impl=cfg.get("optimizer_impl", "auto"))
     result = train(model, build_objective(kind, cfg, schedule, device), data, config, Path(ckpt_dir),
@@ -135,9 +141,7 @@ def run(params: dict, run, args) -> None:
     schedule = read_json("data/noise/schedule.json")
     data_file = Path("data/prepared/data.parquet")
     data = load_prepared(data_file, split="train")
-    # The speed knobs do not change what is trained: left out so a run can resume with other ones.
-    fp_cfg = {k: v for k, v in cfg.items() if k not in FAST_PATH}
-    fp = fingerprint(kind, fp_cfg, schedule, params["seed"], hashlib.md5(data_file.read_bytes()).hexdigest())
+    fp = fingerprint(kind, what_is_trained(cfg), schedule, params["seed"], hashlib.md5(data_file.read_bytes()).hexdigest())
 
     model, ema, result = train_model(kind, cfg, schedule, data.x, device, run, f"checkpoints/{kind}", fp, seed=params["seed"])
     if not is_rank_zero():

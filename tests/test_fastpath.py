@@ -86,12 +86,17 @@ def test_auto_resolves_to_plain_path_on_cpu():
 
 def test_auto_resolution_on_cuda_device_object():
     """Resolution is a pure function of the config and device type (no CUDA needed to check the rules)."""
-    cfg = TrainConfig(steps=1, batch_size=2, lr=1e-3, amp_dtype="float16")
+    # default on CUDA: fp32 with the launch-saving parts (fused Adam, multi-tensor EMA), no autocast/NHWC
+    fp = resolve_fast_path(TrainConfig(steps=1, batch_size=2, lr=1e-3), torch.device("cuda", 0), data_ndim=4)
+    assert not fp.amp and not fp.grad_scaler and not fp.channels_last
+    assert fp.optimizer_impl == "fused" and fp.multi_tensor_ema
+    # opt-in mixed precision brings channels-last (image batches only) and cuDNN autotuning with it
+    cfg = TrainConfig(steps=1, batch_size=2, lr=1e-3, amp=True, amp_dtype="float16")
     fp = resolve_fast_path(cfg, torch.device("cuda", 0), data_ndim=4)
     assert fp.amp and fp.amp_dtype == "float16" and fp.grad_scaler
     assert fp.channels_last and fp.optimizer_impl == "fused" and fp.multi_tensor_ema and fp.cudnn_benchmark
-    fp = resolve_fast_path(TrainConfig(steps=1, batch_size=2, lr=1e-3, amp=False), torch.device("cuda", 0), 2)
-    assert not fp.amp and not fp.grad_scaler and not fp.channels_last
+    fp = resolve_fast_path(cfg, torch.device("cuda", 0), 2)
+    assert fp.amp and not fp.channels_last
 
 
 # ----------------------------------------------------------------------------------------- CPU runs

@@ -185,3 +185,16 @@ def test_stage_cli_rejects_bad_params_before_work(tmp_path, stage_args, field, m
     assert proc.returncode == 2, proc.stderr
     assert field in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_unknown_top_level_section_is_reported(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["trian"] = {"steps": 1}
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(params))
+    errors = check_all(f, ROOT / "dvc.yaml")
+    assert len(errors) == 1 and "trian" in errors[0] and "did you mean 'train'" in errors[0]
+    params.pop("trian")
+    params["prefect"] = {"max_workers": 2}  # read by pipeline.flow, not by a stage: allowed
+    f.write_text(yaml.safe_dump(params))
+    assert check_all(f, ROOT / "dvc.yaml") == []
