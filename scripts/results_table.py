@@ -32,17 +32,20 @@ def _fid(m: dict) -> tuple[str, float]:
 def tables(d: Path) -> str:
     out = []
     clf = _load(d, "classifier")
+    ref = _load(d, "fid_ref")
+    floor = next(((k, v) for k, v in ref.items() if k.startswith("fid_") and "_real_" in k), None)
     out.append(f"Feature extractor of FID/KID: `{clf['extractor']}` (a CNN trained by the `classifier` stage; held-out "
-               f"accuracy {clf['accuracy']:.3f} on {clf['n_test']} images). Real-vs-real FID of the held-out split "
-               "against the reference is the floor of these numbers (see `reports/metrics/fid_ref.json`).\n")
+               f"accuracy {clf['accuracy']:.3f} on {clf['n_test']} images)."
+               + (f" The floor: real held-out images against the reference give `{floor[0]}` = {floor[1]:.2f}." if floor
+                  else "") + "\n")
 
-    rows = ["| model | sampler | NFE | sampling s | FID | KID ×10³ | train steps | train s |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | sampler | NFE | sampling s | FID | KID | train steps | train s |", "|---|---|---|---|---|---|---|---|"]
     fid_name = None
     for kind in ("ncsn", "ve", "vp", "subvp"):
         e, t = _load(d, f"evaluate_{kind}"), _load(d, f"train_{kind}")
         fid_name, fid = _fid(e)
         kid = e[fid_name.replace("fid_", "kid_", 1)]
-        rows.append(f"| {kind} | {e['sampler']} | {e['nfe']} | {e['seconds']:.1f} | {fid:.2f} | {kid * 1e3:.2f} "
+        rows.append(f"| {kind} | {e['sampler']} | {e['nfe']} | {e['seconds']:.1f} | {fid:.2f} | {kid:.3f} "
                     f"| {t['steps']} | {t['seconds']:.0f} |")
     out.append(f"**Per SDE** (`{fid_name}`; EMA weights):\n\n" + "\n".join(rows) + "\n")
 
@@ -69,7 +72,8 @@ def tables(d: Path) -> str:
     s = _load(d, "samplers")
     per = s.get("samplers", s)
     rows = ["| sampler | NFE | s per 1000 images | FID |", "|---|---|---|---|"]
-    for method, m in per.items():
+    order = ["pc", "reverse_diffusion", "ode", "heun", "annealed_langevin"]
+    for method, m in sorted(per.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         if not isinstance(m, dict):
             continue
         name, fid = _fid(m)
