@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 
-.PHONY: install repro test test-slow test-all flow benchmarks report clean-outputs
+.PHONY: install repro test test-slow test-all flow benchmarks benchmarks-gpu report clean-outputs
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ benchmarks: install
 	$(BIN)/python benchmarks/samplers.py
 	$(BIN)/python benchmarks/repro.py
 	$(BIN)/python benchmarks/orchestration.py
+
+# On a GPU machine (torch present; no DVC/MLflow needed): throughput, sampling cost, short MNIST run (< 6 min).
+benchmarks-gpu:
+	PYTHONPATH=. bash benchmarks/gpu_check.sh
 
 report: install
 	$(BIN)/python -m pipeline.report --experiment "$$($(BIN)/python -c 'import yaml;print(yaml.safe_load(open("params.yaml"))["experiment"])')"

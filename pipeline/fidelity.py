@@ -20,6 +20,7 @@ Metric names say how they were made: ``fid_<extractor>_n<samples>``, ``kid_<extr
 """
 from __future__ import annotations
 
+import pickle
 import socket
 import sys
 import tempfile
@@ -190,6 +191,10 @@ def default_inception_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
 
 
+class UnsafeWeightsError(RuntimeError):
+    """A weights file whose unpickling would construct arbitrary objects (it is never loaded)."""
+
+
 def resolve_inception(weights_path: str | None, download: bool = True, timeout_s: float = 20.0
                       ) -> tuple[bool, str | None, str]:
     """Can Inception-v3 be used? Returns ``(ok, weights_path_for_torch_fidelity, message)``.
@@ -198,6 +203,13 @@ def resolve_inception(weights_path: str | None, download: bool = True, timeout_s
     Every failure is caught and explained in ``message`` (the caller falls back to the classifier).
     """
     def probe(path):
+        if path is not None:
+            # torch-fidelity unpickles the file with weights_only=False: vet it as plain tensors first, so a
+            # file that would run code when unpickled is refused instead of executed.
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise UnsafeWeightsError(f"{path} holds more than tensors (refusing to unpickle it): {err}") from None
         model = FeatureExtractorInceptionV3(INCEPTION, [INCEPTION_LAYER], feature_extractor_weights_path=path,
                                             verbose=False)
         del model

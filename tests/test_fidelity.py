@@ -265,3 +265,24 @@ def test_inception_path_with_a_weights_file(digits, inception_weights):
     out = fd.compute_fid_kid(test[:30], ref, fd.INCEPTION, 30, kid_subsets=5, weights_path=weights, batch_size=30)
     assert set(out) == {"fid_inception_n30", "kid_inception_n30", "kid_std_inception_n30"}
     assert np.isfinite(out["fid_inception_n30"]) and out["fid_inception_n30"] > 0
+
+
+class _Evil:
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_malicious_inception_weights_file_is_refused_not_executed(tmp_path):
+    """torch-fidelity unpickles weights with weights_only=False: our resolver vets the file first."""
+    sentinel = tmp_path / "pwned"
+    bad = tmp_path / "weights-inception.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _Evil(sentinel)}, bad)
+    ok, weights, message = fd.resolve_inception(str(bad), download=False)
+    assert not ok and weights is None
+    assert "UnsafeWeightsError" in message and str(bad) in message and "classifier" in message
+    assert not sentinel.exists()
