@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -262,6 +263,8 @@ def stage_run(stage: str, params: dict, *, sde: str | None = None, extra_tags: d
         **{f"version.{k}": v for k, v in versions.items()},
         **(extra_tags or {}),
     }
+    tags.update(host=socket.gethostname(), pid=os.getpid())
+    close_orphaned_runs(exp_id, tags["dvc_stage"])
     run_name = stage if sde is None or "@" in stage else f"{stage}@{sde}"
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent,
                           tags={k: str(v) for k, v in tags.items()}) as active:
@@ -273,6 +276,39 @@ def stage_run(stage: str, params: dict, *, sde: str | None = None, extra_tags: d
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: leave it alone
+    return True
+
+
+def close_orphaned_runs(experiment_id: str, dvc_stage: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``dvc_stage`` started on this host by a process that is gone.
+
+    A stage killed with SIGKILL (OOM killer, preemption) never closes its MLflow run; without this it
+    would stay RUNNING for ever and look alive in the UI and the report. Returns the run ids closed.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    query = (f"attributes.status = 'RUNNING' and tags.dvc_stage = '{dvc_stage}' and tags.host = '{host}'")
+    closed = []
+    for r in client.search_runs([experiment_id], filter_string=query, max_results=100):
+        pid = r.data.tags.get("pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            client.set_tag(r.info.run_id, "scoresde.end_reason", f"process {pid} on {host} died without closing the run")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+            print(f"[tracking] run {r.info.run_id} of {dvc_stage} was left RUNNING by a dead process ({pid}): "
+                  "marked KILLED", file=sys.stderr)
+    return closed
 
 
 # --------------------------------------------------------- dvc.lock hashes

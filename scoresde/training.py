@@ -90,6 +90,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "load_checkpoint",
+    "safe_load",
     "find_resumable_checkpoint",
     "list_checkpoints",
     "atomic_torch_save",
@@ -503,6 +504,12 @@ def _safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
         raise CorruptCheckpointError(f"cannot read checkpoint {path} (corrupt or truncated): {detail}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(f"cannot read checkpoint {path} (corrupt or truncated): {e}") from None
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(..., weights_only=True)`` of any file written by :func:`atomic_torch_save`, with the
+    same refusal (:class:`UnsafeCheckpointError`) and corruption (:class:`CorruptCheckpointError`) errors."""
+    return _safe_torch_load(Path(path), map_location)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -77,7 +77,7 @@ def tables(d: Path) -> str:
         if not isinstance(m, dict):
             continue
         name, fid = _fid(m)
-        per_k = m.get("seconds_per_1000", m["seconds"] / max(1, m.get("n", 1)) * 1000)
+        per_k = m["seconds_per_1000"] if "seconds_per_1000" in m else 1000 * m["seconds"] / m["n"]
         rows.append(f"| {method} | {m['nfe']} | {per_k:.0f} | {fid:.2f} |")
     out.append(f"**Samplers** on `{s.get('sde', 've')}` (`{name}`):\n\n" + "\n".join(rows) + "\n")
     return "\n".join(out)

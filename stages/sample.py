@@ -9,7 +9,11 @@ Writes data/samples/<sde>.npz, a PNG grid and NFE / seconds.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -91,9 +95,18 @@ def _ve_sigma_score(model, sde):
     return score_fn
 
 
-def generate(kind: str, model, cfg: dict, schedule: dict, n: int, device, generator, centered: bool):
-    """Draw `n` samples with the sampler in `cfg`; returns (x in data space, nfe per sample, seconds)."""
+def generate(kind: str, model, cfg: dict, schedule: dict, n: int, device, generator, centered: bool, *,
+             seed: int | None = None, resume_dir=None):
+    """Draw `n` samples with the sampler in `cfg`; returns (x in data space, nfe per sample, seconds).
+
+    With `seed`, batch i draws from its own generator seeded `seed + i` (EDM's per-seed convention), so a
+    batch does not depend on the batches before it; `resume_dir` then keeps each finished batch (written
+    atomically) and a rerun after a crash loads those instead of drawing them again: the result is the
+    same as an uninterrupted run's. Without `seed`, all batches share `generator`.
+    """
     import torch
+
+    from scoresde.training import atomic_torch_save, safe_load
 
     from scoresde.data import from_model_space
     from scoresde.models import get_score_fn
@@ -112,9 +125,17 @@ def generate(kind: str, model, cfg: dict, schedule: dict, n: int, device, genera
 
     out, nfe, start = [], 0, time.perf_counter()
     with torch.no_grad():
-        for lo in range(0, n, cfg["batch_size"]):
+        for i, lo in enumerate(range(0, n, cfg["batch_size"])):
             b = min(cfg["batch_size"], n - lo)
             bshape = (b, *shape)
+            done = None if resume_dir is None else Path(resume_dir) / f"batch_{i:06d}.pt"
+            if done is not None and done.exists():
+                kept = safe_load(done)  # weights_only; a torn write never carries this name
+                out.append(kept["x"])
+                nfe = int(kept["nfe"])
+                continue
+            if seed is not None:
+                generator = torch.Generator(device=device).manual_seed(int(seed) + i)
             if sampler == "annealed_langevin":
                 # NCSN initialises annealed Langevin with uniform noise on the data range.
                 x0 = torch.rand(bshape, generator=generator, device=device)
@@ -142,6 +163,8 @@ def generate(kind: str, model, cfg: dict, schedule: dict, n: int, device, genera
             else:  # validated earlier; kept for readers adding samplers
                 raise ParamsError("sample.sampler", f"unknown sampler {sampler!r}")
             out.append(x.detach().float().cpu())
+            if done is not None:
+                atomic_torch_save({"x": out[-1], "nfe": int(nfe)}, done)
     seconds = time.perf_counter() - start
     x = torch.cat(out)
     if len(shape) == 3:
@@ -189,13 +212,23 @@ def run(params: dict, run, args) -> None:
     cfg = params["sample"][kind]
     device = resolve_device(params["sample"]["device"])
     schedule = read_json("data/noise/schedule.json")
-    model, info = load_trained(f"models/{kind}.pt", device, use_ema=cfg["use_ema"])
-    generator = torch.Generator(device=device).manual_seed(params["seed"])
-    x, nfe, seconds = generate(kind, model, cfg, schedule, cfg["n"], device, generator, info["centered"])
+    model_file = Path(f"models/{kind}.pt")
+    model, info = load_trained(model_file, device, use_ema=cfg["use_ema"])
+    # Finished batches survive a crash here; the key changes with anything that changes the samples.
+    key = hashlib.md5(json.dumps([kind, cfg, schedule, params["seed"], device.type,
+                                  hashlib.md5(model_file.read_bytes()).hexdigest()], sort_keys=True).encode()).hexdigest()
+    resume_dir = Path("checkpoints/samples") / kind / key[:12]
+    resumed = len(list(resume_dir.glob("batch_*.pt"))) if resume_dir.exists() else 0
+    if resumed:
+        print(f"[sample@{kind}] resuming: {resumed} finished batch(es) in {resume_dir}")
+    x, nfe, seconds = generate(kind, model, cfg, schedule, cfg["n"], device, None, info["centered"],
+                               seed=params["seed"], resume_dir=resume_dir)
 
     save_samples(x, f"data/samples/{kind}.npz", f"reports/figures/samples_{kind}.png", title=f"{kind}: {cfg['sampler']}")
+    shutil.rmtree(resume_dir.parent, ignore_errors=True)  # outputs are written: the batches are spent
     metrics = {"nfe": nfe, "seconds": seconds, "n": cfg["n"], "sampler": cfg["sampler"],
-               "checkpoint": "ema" if cfg["use_ema"] else "raw", "seconds_per_sample": seconds / cfg["n"]}
+               "checkpoint": "ema" if cfg["use_ema"] else "raw", "seconds_per_sample": seconds / cfg["n"],
+               "resumed_batches": resumed}
     write_json(f"reports/metrics/sample_{kind}.json", metrics)
     run.log_metrics({"nfe": nfe, "seconds": seconds, "seconds_per_sample": seconds / cfg["n"]})
     run.set_tags({"sampler": cfg["sampler"], "checkpoint": metrics["checkpoint"]})

@@ -86,27 +86,29 @@ def table_rows(results: dict) -> list[dict]:
     rows = []
     for name, r in results.items():
         if "skipped" in r:
-            rows.append({"sampler": name, "fid": None, "kid": None, "nfe": None, "seconds": None, "metric": r["skipped"]})
+            rows.append({"sampler": name, "fid": None, "kid": None, "nfe": None, "seconds": None,
+                         "seconds_per_1000": None, "metric": r["skipped"]})
             continue
         fid_key = next((k for k in r if k.startswith("fid_") or k.startswith("sliced_wasserstein_")), "")
         kid_key = next((k for k in r if k.startswith("kid_") and not k.startswith("kid_std_")), "")
         rows.append({"sampler": name, "fid": r.get(fid_key), "kid": r.get(kid_key), "nfe": r["nfe"],
-                     "seconds": r["seconds"], "metric": fid_key})
+                     "seconds": r["seconds"], "seconds_per_1000": r.get("seconds_per_1000"), "metric": fid_key})
     return rows
 
 
 def markdown_table(rows: list[dict], sde: str, n: int) -> str:
     metric = next((r["metric"] for r in rows if r["fid"] is not None), "FID")
     lines = [f"# Samplers on the {sde.upper()} model ({n} samples each)", "",
-             f"| sampler | {metric} | KID | NFE | seconds |", "|---|---:|---:|---:|---:|"]
+             f"| sampler | {metric} | KID | NFE | seconds | s / 1000 samples |", "|---|---:|---:|---:|---:|---:|"]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         if r["fid"] is None and r["nfe"] is None:
-            lines.append(f"| {r['sampler']} | skipped: {r['metric']} | | | |")
+            lines.append(f"| {r['sampler']} | skipped: {r['metric']} | | | | |")
         else:
             lines.append(f"| {r['sampler']} | {fmt(r['fid'], '.4g')} | {fmt(r['kid'], '.4g')} | {r['nfe']} | "
-                         f"{fmt(r['seconds'], '.1f')} |")
-    lines += ["", "NFE = score-network evaluations per sample batch; seconds = wall-clock sampling time."]
+                         f"{fmt(r['seconds'], '.1f')} | {fmt(r['seconds_per_1000'], '.0f')} |")
+    lines += ["", "NFE = score-network evaluations per sample; seconds = wall-clock sampling time of all samples "
+                  "(batched), also per 1000 samples."]
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +140,8 @@ def run(params: dict, run, args) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
         x, nfe, seconds = generate(kind, model, cfg, schedule, p["n"], device, g, info.get("centered", False))
         metrics = quality_metrics(x, seed, device)
-        results[name] = {**metrics, "nfe": nfe, "seconds": seconds, "n": p["n"], "sampler": cfg["sampler"]}
+        results[name] = {**metrics, "nfe": nfe, "seconds": seconds, "seconds_per_1000": 1000.0 * seconds / p["n"],
+                         "n": p["n"], "sampler": cfg["sampler"]}
         samples[name] = x
         run.log_metrics({f"{name}_{k}": v for k, v in results[name].items() if isinstance(v, (int, float))})
         print(f"[samplers] {name}: {describe(metrics)}, {nfe} NFE, {seconds:.1f} s", flush=True)
@@ -146,7 +149,7 @@ def run(params: dict, run, args) -> None:
     rows = table_rows(results)
     with atomic_path(PLOT) as tmp:
         with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["sampler", "fid", "kid", "nfe", "seconds", "metric"])
+            w = csv.DictWriter(fh, fieldnames=["sampler", "fid", "kid", "nfe", "seconds", "seconds_per_1000", "metric"])
             w.writeheader()
             w.writerows(rows)
     with atomic_path(TABLE) as tmp:

@@ -23,13 +23,6 @@ UNET = {"name": "unet", "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_r
         "embedding": "fourier"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _images(n=32, c=1, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)

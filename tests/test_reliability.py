@@ -91,3 +91,29 @@ def test_slow_server_times_out_and_offline_fallback_uses_local_store(tmp_path, m
 def test_unsupported_uri_is_named():
     with pytest.raises(TrackingUnavailable, match="ftp://x"):
         ensure_reachable("ftp://x", 1)
+
+
+def test_run_left_running_by_a_killed_stage_is_marked_killed(tmp_path, monkeypatch):
+    """SIGKILL leaves an MLflow run RUNNING; the next start of that stage on this host closes it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import close_orphaned_runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlflow.set_experiment("orphans").experiment_id
+    client = MlflowClient()
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    victim.kill()
+    victim.wait()
+    host = socket.gethostname()
+    dead = client.create_run(exp, tags={"dvc_stage": "train@ve", "host": host, "pid": str(victim.pid)})
+    alive = client.create_run(exp, tags={"dvc_stage": "train@ve", "host": host, "pid": str(os.getppid())})
+    other_host = client.create_run(exp, tags={"dvc_stage": "train@ve", "host": "elsewhere", "pid": str(victim.pid)})
+    other_stage = client.create_run(exp, tags={"dvc_stage": "train@vp", "host": host, "pid": str(victim.pid)})
+
+    assert close_orphaned_runs(exp, "train@ve") == [dead.info.run_id]
+    status = {r: client.get_run(r.info.run_id).info.status for r in (dead, alive, other_host, other_stage)}
+    assert status[dead] == "KILLED" and "died" in client.get_run(dead.info.run_id).data.tags["scoresde.end_reason"]
+    assert status[alive] == status[other_host] == status[other_stage] == "RUNNING"

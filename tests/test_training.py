@@ -64,14 +64,6 @@ def assert_same_result(res, ref):
     assert res.losses == ref.losses
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Interrupt(Exception):
     pass
