@@ -224,3 +224,47 @@ def test_two_workers_exchange_stages_through_a_dvc_remote(api, tmp_path):
     assert runs_b == ["report"], "worker B re-ran stages that worker A had pushed"
     assert (host_b / "data" / "work_a.json").exists()
     assert "Data and pipelines are up to date" in bench.dvc(host_b, "status").stdout
+
+
+def test_real_pipeline_on_tiny_params_through_the_local_deployment(api, tmp_path):
+    """This repository's own 24-stage pipeline (tiny params), deployed from its prefect.yaml and run by a
+    real process worker: the run completes, every stage is recorded in dvc.lock (`dvc status` clean, a
+    second `dvc repro` is a no-op) and MLflow holds one parent run with a nested run per stage."""
+    from prefect.deployments import run_deployment
+
+    spec = importlib.util.spec_from_file_location("pipeline_e2e", ROOT / "tests" / "test_pipeline_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    dvc, env_for, make_repo = e2e.dvc, e2e.env_for, e2e.make_repo
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    make_repo(repo)
+    (repo / "prefect.yaml").write_text((ROOT / "prefect.yaml").read_text())
+    mlflow_uri = f"sqlite:///{repo / 'mlflow.db'}"
+    create_pool(api, "local", tmp_path)
+    prefect_cli(api, "--no-prompt", "deploy", "--name", "local", cwd=repo)
+
+    flow_run = run_deployment("reproduce/local", parameters={"max_workers": 2}, timeout=0)
+    log = tmp_path / "worker.log"
+    env = {k: v for k, v in env_for(repo).items() if k != "SCORESDE_RUN_GROUP"}
+    run_worker(api, "local", tmp_path, {**env, "SCORESDE_REPO": str(repo), "MLFLOW_TRACKING_URI": mlflow_uri}, log,
+               timeout=900)
+    state, message = flow_run_state(flow_run.id)
+    assert state == "COMPLETED", f"{state}: {message}\n{log.read_text()[-4000:]}"
+
+    assert "up to date" in dvc(repo, "status").stdout
+    assert "Running stage" not in dvc(repo, "repro").stdout
+
+    import mlflow
+    import yaml
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["e2e"])
+    parents = runs[runs["tags.scoresde.role"] == "parent"]
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    assert parents.iloc[0]["tags.prefect.flow_run_id"] == str(flow_run.id)
+    children = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(children["tags.dvc_stage"]) == set(lock) and len(lock) == 24
+    assert (children["status"] == "FINISHED").all()
