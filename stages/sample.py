@@ -10,7 +10,6 @@ Writes data/samples/<sde>.npz, a PNG grid and NFE / seconds.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -106,11 +105,10 @@ def generate(kind: str, model, cfg: dict, schedule: dict, n: int, device, genera
     """
     import torch
 
-    from scoresde.training import atomic_torch_save, safe_load
-
     from scoresde.data import from_model_space
     from scoresde.models import get_score_fn
     from scoresde.sampling import annealed_langevin, heun_sampler, langevin, ode_sampler, pc_sampler
+    from scoresde.training import atomic_torch_save, safe_load
 
     from stages.train import make_sde
 
@@ -204,9 +202,9 @@ def save_samples(x, path_npz: str, path_png: str, title: str = "") -> None:
 
 
 def run(params: dict, run, args) -> None:
-    import torch
-
     from scoresde.training import resolve_device
+
+    from stages.train import fingerprint
 
     kind = args.sde
     cfg = params["sample"][kind]
@@ -215,8 +213,7 @@ def run(params: dict, run, args) -> None:
     model_file = Path(f"models/{kind}.pt")
     model, info = load_trained(model_file, device, use_ema=cfg["use_ema"])
     # Finished batches survive a crash here; the key changes with anything that changes the samples.
-    key = hashlib.md5(json.dumps([kind, cfg, schedule, params["seed"], device.type,
-                                  hashlib.md5(model_file.read_bytes()).hexdigest()], sort_keys=True).encode()).hexdigest()
+    key = fingerprint(kind, cfg, schedule, params["seed"], device.type, hashlib.md5(model_file.read_bytes()).hexdigest())
     resume_dir = Path("checkpoints/samples") / kind / key[:12]
     resumed = len(list(resume_dir.glob("batch_*.pt"))) if resume_dir.exists() else 0
     if resumed:
