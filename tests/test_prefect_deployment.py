@@ -242,7 +242,7 @@ def test_real_pipeline_on_tiny_params_through_the_local_deployment(api, tmp_path
     make_repo(repo)
     (repo / "prefect.yaml").write_text((ROOT / "prefect.yaml").read_text())
     mlflow_uri = f"sqlite:///{repo / 'mlflow.db'}"
-    create_pool(api, "local", tmp_path)
+    prefect_cli(api, "work-pool", "create", "local", "--type", "process", "--overwrite", cwd=tmp_path)  # module server
     prefect_cli(api, "--no-prompt", "deploy", "--name", "local", cwd=repo)
 
     flow_run = run_deployment("reproduce/local", parameters={"max_workers": 2}, timeout=0)
