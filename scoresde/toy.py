@@ -56,7 +56,10 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def __repr__(self) -> str:
-        return f"GaussianMixture(weights={self.weights.tolist()}, means={self.means.tolist()}, std={self.std:g})"
+        def g(v):  # float32 parameters printed as they were written (0.8, not 0.800000011920929)
+            return [g(u) for u in v] if isinstance(v, list) else float(f"{v:.6g}")
+
+        return f"GaussianMixture(weights={g(self.weights.tolist())}, means={g(self.means.tolist())}, std={self.std:g})"
 
     # ----------------------------------------------------------------------------------- sampling
     def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
