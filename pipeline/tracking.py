@@ -49,7 +49,10 @@ def git_commit(cwd: str | Path = ".") -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() if out.returncode == 0 else "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        # Dirty = source changes. dvc.lock and reports/ are the pipeline's own committed outputs: a
+        # reproduction rewrites them as it goes, which must not mark its own later stages "-dirty".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)dvc.lock", ":(exclude)reports"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("-dirty" if dirty and commit != "unknown" else "")
     except (OSError, subprocess.TimeoutExpired):

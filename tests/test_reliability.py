@@ -117,3 +117,23 @@ def test_run_left_running_by_a_killed_stage_is_marked_killed(tmp_path, monkeypat
     status = {r: client.get_run(r.info.run_id).info.status for r in (dead, alive, other_host, other_stage)}
     assert status[dead] == "KILLED" and "died" in client.get_run(dead.info.run_id).data.tags["scoresde.end_reason"]
     assert status[alive] == status[other_host] == status[other_stage] == "RUNNING"
+
+
+def test_git_commit_is_dirty_for_source_changes_not_for_pipeline_outputs(tmp_path):
+    """A reproduction rewrites the committed dvc.lock and reports/ as it runs: its stages stay 'clean'."""
+    from pipeline.tracking import git_commit
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    (tmp_path / "reports").mkdir()
+    for rel in ("dvc.lock", "reports/m.json", "stage.py"):
+        (tmp_path / rel).write_text("0\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=tmp_path, check=True)
+    head = git_commit(tmp_path)
+    assert len(head) == 40 and not head.endswith("-dirty")
+    (tmp_path / "dvc.lock").write_text("1\n")
+    (tmp_path / "reports/m.json").write_text("1\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "stage.py").write_text("1\n")
+    assert git_commit(tmp_path) == head + "-dirty"
