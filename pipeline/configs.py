@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.params import PARAMS_FILE, ParamsError, all_schemas, check_all, read_params
+from pipeline.params import PARAMS_FILE, ParamsError, check_all, flatten, read_params
 
 __all__ = ["load_overlay", "deep_merge", "flatten", "changed_keys", "merge_text", "apply", "set_args",
            "dvc_command", "parse_set_args", "format_value", "ConfigError"]
@@ -66,18 +66,6 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
 _MISSING = object()
 
 
@@ -90,20 +78,6 @@ def changed_keys(before: dict, after: dict) -> list[tuple[str, Any, Any]]:
         if old is _MISSING or old != new or type(old) is not type(new):
             out.append((key, "<absent>" if old is _MISSING else old, new))
     return out
-
-
-def _check_top_level(overlay: dict, params: dict, dvc_file: str | Path) -> None:
-    known = set(params)
-    with contextlib.suppress(Exception):
-        for schema in all_schemas(dvc_file).values():
-            known |= set(schema)
-    unknown = [k for k in overlay if k not in known]
-    if unknown:
-        import difflib
-
-        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), sorted(known), n=1))
-                             else "") for k in unknown]
-        raise ConfigError(f"params.yaml: unknown top-level key(s) {', '.join(hints)}")
 
 
 # --------------------------------------------------------------------------------- YAML writing
@@ -184,7 +158,6 @@ def apply(overlay_path: str | Path, params_file: str | Path = PARAMS_FILE, dvc_f
         before = read_params(params_file)
     except ParamsError as err:
         raise ConfigError(str(err)) from None
-    _check_top_level(overlay, before, dvc_file)
     text = merge_text(params_file.read_text(), overlay)
     merged = yaml.safe_load(text)
     if merged != deep_merge(before, overlay):  # the text merge must mean exactly the data merge

@@ -266,6 +266,19 @@ COMMON = {
 
 
 # ----------------------------------------------------------------------- loading
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted names of params (``train.ve.lr``); lists and empty
+    mappings are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
 def read_params(params_file: str | Path = PARAMS_FILE) -> dict:
     path = Path(params_file)
     if not path.exists():

@@ -31,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.params import flatten
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "SCORESDE_PARENT_RUN_ID"
 GROUP_ENV = "SCORESDE_RUN_GROUP"
@@ -179,17 +181,6 @@ def find_or_create_parent(experiment: str, group: str) -> str:
 
 
 # ---------------------------------------------------------------- stage runs
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 class StageRun:
     """Thin handle on the active MLflow run of a stage (keeps MLflow calls out of the stage bodies)."""
 
