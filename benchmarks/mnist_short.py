@@ -1,6 +1,6 @@
 """A short real-data run on MNIST with scoresde alone (no DVC / Prefect / MLflow): train, sample, FID.
 
-1. MNIST from the gzipped IDX files under ``--root`` (``scoresde.data.load_mnist``, MD5-verified; every
+1. MNIST from the gzipped IDX files under ``--root`` (``scoresde.image_datasets.load_mnist``, MD5-verified; every
    split whose image + label files are present — e.g. only the 10,000 test images), shuffled with a
    fixed seed into a training part and a held-out part (``--heldout``).
 2. A VE-SDE ``ScoreUNet`` (Song et al., 2021; sigma_max = the largest pairwise distance of the training
@@ -18,8 +18,11 @@
 Writes to ``--out``: ``summary.json``, ``loss.csv`` (+ ``loss.png`` if matplotlib is there),
 ``samples_pc.png``, ``samples_heun.png``, ``real.png``.
 
-    PYTHONPATH=. python benchmarks/mnist_short.py --root data/raw --device cuda --seconds 100 --out "$OUT/mnist"
-    PYTHONPATH=. python benchmarks/mnist_short.py --root /work/shared/data --device cpu --quick --out /tmp/mnist
+From the repository root (``--root DATA_DIR``: the folder holding the MNIST IDX files; ``--out OUT_DIR``:
+where the results go, default ``mnist_short_out``):
+
+    PYTHONPATH=. python benchmarks/mnist_short.py --root data/raw --device cuda --seconds 100 --out OUT_DIR
+    PYTHONPATH=. python benchmarks/mnist_short.py --root DATA_DIR --device cpu --quick --out OUT_DIR
 """
 
 from __future__ import annotations
@@ -40,14 +43,18 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from scoresde.classifier import ClassifierConfig, accuracy, train_classifier  # noqa: E402
-from scoresde.data import from_model_space, load_mnist, to_model_space  # noqa: E402
+from scoresde.data import from_model_space, to_model_space  # noqa: E402
+from scoresde.image_datasets import load_mnist  # noqa: E402
+from scoresde.distributed import resolve_device  # noqa: E402
 from scoresde.losses import sde_dsm_loss  # noqa: E402
 from scoresde.metrics import feature_statistics, frechet_distance  # noqa: E402
-from scoresde.models import UNET_PRESETS, build_model, clone_model, get_score_fn  # noqa: E402
+from scoresde.models import build_model, clone_model, get_score_fn  # noqa: E402
 from scoresde.noise import sigma_begin_from_data  # noqa: E402
-from scoresde.sampling import heun_sampler, pc_sampler  # noqa: E402
+from scoresde.pc import pc_sampler  # noqa: E402
+from scoresde.sampling import heun_sampler  # noqa: E402
 from scoresde.sde import VESDE  # noqa: E402
-from scoresde.training import TrainConfig, resolve_device, train  # noqa: E402
+from scoresde.training import TrainConfig, train  # noqa: E402
+from scoresde.unet import UNET_PRESETS  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -6,7 +6,9 @@ off (``dvc repro --no-run-cache`` / ``--no-run-cache``), so every stage really r
 timed as a whole process (``python -m pipeline.flow``), i.e. including Prefect's start-up (an
 ephemeral API unless ``PREFECT_API_URL`` is set) -- what a user waits for.
 
-    python benchmarks/orchestration.py                           # the project at /work/main
+Run from the repository root:
+
+    python benchmarks/orchestration.py                           # this repository (--project DIR: another)
     python benchmarks/orchestration.py --params tiny.yaml        # ... with another params.yaml
     python benchmarks/orchestration.py --synthetic --sleep 2     # a synthetic project (no torch)
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scoresde import sampling  # noqa: E402
+from scoresde import pc, sampling  # noqa: E402
 from scoresde.metrics import mode_weight_error, sliced_wasserstein  # noqa: E402
 from scoresde.noise import geometric_sigmas  # noqa: E402
 from scoresde.sde import get_sde  # noqa: E402
@@ -70,11 +70,11 @@ def cases(mix: GaussianMixture, n: int, N: int, sigma_max: float):
         label = f"{name}(sigma_max={sigma_max:g})" if name == "ve" else name
         shape = (n, 2)
         out += [
-            (f"pc reverse_diffusion+langevin N={N}", label, lambda g, sde=sde, sf=sf: sampling.pc_sampler(sde, sf, shape, generator=g)),
+            (f"pc reverse_diffusion+langevin N={N}", label, lambda g, sde=sde, sf=sf: pc.pc_sampler(sde, sf, shape, generator=g)),
             (
                 f"pc euler_maruyama N={N}",
                 label,
-                lambda g, sde=sde, sf=sf: sampling.pc_sampler(sde, sf, shape, predictor="euler_maruyama", corrector="none", generator=g),
+                lambda g, sde=sde, sf=sf: pc.pc_sampler(sde, sf, shape, predictor="euler_maruyama", corrector="none", generator=g),
             ),
         ]
         if name != "subvp":
@@ -82,7 +82,7 @@ def cases(mix: GaussianMixture, n: int, N: int, sigma_max: float):
                 (
                     f"pc ancestral N={N}",
                     label,
-                    lambda g, sde=sde, sf=sf: sampling.pc_sampler(sde, sf, shape, predictor="ancestral", corrector="none", generator=g),
+                    lambda g, sde=sde, sf=sf: pc.pc_sampler(sde, sf, shape, predictor="ancestral", corrector="none", generator=g),
                 )
             )
         out += [

@@ -31,10 +31,13 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from scoresde.models import UNET_PRESETS, build_model, get_score_fn  # noqa: E402
-from scoresde.sampling import heun_sampler, ode_sampler, pc_sampler  # noqa: E402
+from scoresde.checkpoint import load_model_state  # noqa: E402
+from scoresde.distributed import resolve_device  # noqa: E402
+from scoresde.models import build_model, get_score_fn  # noqa: E402
+from scoresde.pc import pc_sampler  # noqa: E402
+from scoresde.sampling import heun_sampler, ode_sampler  # noqa: E402
 from scoresde.sde import get_sde  # noqa: E402
-from scoresde.training import load_model_state, resolve_device  # noqa: E402
+from scoresde.unet import UNET_PRESETS  # noqa: E402
 
 
 def load_model(args, device):

@@ -2,7 +2,7 @@
 
 The measured loop is :func:`scoresde.training.train` itself (sample a batch, ``sde_dsm_loss`` of a VE SDE,
 Adam with warm-up and gradient clipping, EMA, losses kept on the device), on the default ``ScoreUNet``
-for 32x32x3 images (``scoresde.models.UNET_PRESETS[32]``) and synthetic data, in one process on one device:
+for 32x32x3 images (``scoresde.unet.UNET_PRESETS[32]``) and synthetic data, in one process on one device:
 
 - ``plain``:   fp32, eager, contiguous (NCHW), for-loop Adam, per-tensor EMA (amp=False, channels_last=False,
                optimizer_impl="for_loop", compile=False);
@@ -43,10 +43,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from scoresde.distributed import resolve_device  # noqa: E402
 from scoresde.losses import sde_dsm_loss  # noqa: E402
-from scoresde.models import UNET_PRESETS, build_model, get_score_fn  # noqa: E402
+from scoresde.models import build_model, get_score_fn  # noqa: E402
 from scoresde.sde import VESDE  # noqa: E402
-from scoresde.training import TrainConfig, resolve_device, train  # noqa: E402
+from scoresde.training import TrainConfig, train  # noqa: E402
+from scoresde.unet import UNET_PRESETS  # noqa: E402
 
 VARIANTS = {
     "plain": dict(amp=False, channels_last=False, optimizer_impl="for_loop", compile=False),

@@ -8,10 +8,11 @@ An overlay has params.yaml's structure but only the keys it changes (``configs/m
 
 ``apply`` deep-merges the overlay into params.yaml (mappings merge key by key, lists and scalars are
 replaced, new keys are appended), validates the result against every stage's schema
-(:func:`pipeline.params.check_all`) and only then writes it atomically (temp file in the same folder,
-fsync, ``os.replace``); it prints the keys that changed. Comments and key order are kept when
-``ruamel.yaml`` is importable (it ships with DVC), otherwise key order only. An invalid overlay changes
-nothing and exits with status 2, naming the field.
+(:func:`pipeline.params.check_all`) and only then writes it atomically
+(:func:`scoresde.atomic.atomic_write_text`: temp file in the same folder, fsync, ``os.replace``); it
+prints the keys that changed. Comments and key order are kept when ``ruamel.yaml`` is importable (it
+ships with DVC), otherwise key order only. An invalid overlay changes nothing and exits with status 2,
+naming the field.
 
 ``show`` prints the equivalent ``dvc exp run -S key=value ...`` command (flattened dotted keys, values
 in YAML flow style), for running the set as a DVC experiment without editing params.yaml.
@@ -32,6 +33,7 @@ from typing import Any
 import yaml
 
 from pipeline.params import PARAMS_FILE, ParamsError, check_all, flatten, read_params
+from scoresde.atomic import atomic_write_text
 
 __all__ = ["load_overlay", "deep_merge", "flatten", "changed_keys", "merge_text", "apply", "set_args",
            "dvc_command", "parse_set_args", "format_value", "ConfigError"]
@@ -129,22 +131,6 @@ def merge_text(text: str, overlay: dict) -> str:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def apply(overlay_path: str | Path, params_file: str | Path = PARAMS_FILE, dvc_file: str | Path = "dvc.yaml",
           dry_run: bool = False) -> list[tuple[str, Any, Any]]:
     """Merge, validate, then (unless ``dry_run``) atomically write; returns the changed keys.
@@ -176,7 +162,7 @@ def apply(overlay_path: str | Path, params_file: str | Path = PARAMS_FILE, dvc_f
             p.replace(tmp, str(params_file)) for p in problems))
     changes = changed_keys(before, merged)
     if not dry_run and changes:
-        _atomic_write(params_file, text)
+        atomic_write_text(params_file, text)
     return changes
 
 

@@ -64,11 +64,6 @@ def metric_names(extractor: str, n: int) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ datasets
-def to_uint8(x01: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> uint8 in [0, 255] (rounded, clamped)."""
-    return (x01.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-
-
 class UInt8Images(Dataset):
     """uint8 images ``(N, C, H, W)`` served as torch-fidelity wants them: uint8 ``3xHxW`` tensors."""
 

@@ -1,88 +1,48 @@
-"""What every stage entry point shares: params validation first, tracking check, atomic outputs.
+"""What every stage entry point shares: params validation first, tracking check, then the stage's body.
 
 A stage module defines ``SCHEMA`` (the params sections it reads, see :mod:`pipeline.params`) and a
 ``run(params, run, args)`` body, and ends with ``main = stage_main("name", SCHEMA, run)``. The order
 matters to users: a bad params file or an unreachable tracking server fails in seconds, before any
-data is read or any output is touched.
+data is read or any output is touched. Files are written through :mod:`pipeline.io` (atomic).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
+from pipeline.env import TRACKING_OFF, is_rank_zero, tracking_disabled
 from pipeline.params import ParamsError, Spec, load_stage_params
 
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+__all__ = ["stage_main", "is_rank_zero"]
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the stage that produces it first (dvc repro)")
-    return json.loads(path.read_text())
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-
-
-TRACKING_OFF_ENV = "SCORESDE_TRACKING"
-
-
-def tracking_disabled() -> bool:
-    """``SCORESDE_TRACKING=off`` runs stages without MLflow (outputs and DVC records only)."""
-    return os.environ.get(TRACKING_OFF_ENV, "").strip().lower() in {"off", "0", "false", "none"}
+def _description(body: Callable) -> str | None:
+    module = sys.modules.get(body.__module__)
+    return (module.__doc__ or "").strip() or None if module else None
 
 
 def stage_main(stage: str, schema: dict[str, Spec], body: Callable[..., None], *,
-               sde_choices: tuple[str, ...] | None = None, extra_args: Callable[[argparse.ArgumentParser], None] | None = None
-               ) -> Callable[[list[str] | None], int]:
-    """Build the ``main(argv)`` of a stage: parse args, validate params, check tracking, run the body."""
+               sde_choices: tuple[str, ...] | None = None,
+               extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> Callable[[list[str] | None], int]:
+    """Build the ``main(argv)`` of a stage: parse args, validate params, check tracking, run the body.
+
+    A foreach stage is named ``<stage>@<item>`` after its item argument (``--sde`` or the first extra one,
+    e.g. ``--sigma-end``), as DVC names it.
+    """
 
     def main(argv: list[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
+        parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=_description(body),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         if sde_choices:
-            parser.add_argument("--sde", required=True, choices=sde_choices)
+            parser.add_argument("--sde", required=True, choices=sde_choices, help="the model kind")
         parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if extra_args:
             extra_args(parser)
         args = parser.parse_args(argv)
-        name = f"{stage}@{args.sde}" if sde_choices else stage
+        item = getattr(args, "sde", None) or getattr(args, "sigma_end", None)
+        name = f"{stage}@{item}" if item is not None else stage
         try:
             params = load_stage_params(schema, args.params)
         except ParamsError as err:
@@ -95,8 +55,7 @@ def stage_main(stage: str, schema: dict[str, Spec], body: Callable[..., None], *
                 body(params, NullRun(), args)
                 return 0
             if tracking_disabled():  # a machine without MLflow (e.g. a bare GPU node): outputs only
-                print(f"[{name}] {TRACKING_OFF_ENV}={os.environ[TRACKING_OFF_ENV]}: not logging to MLflow",
-                      file=sys.stderr)
+                print(f"[{name}] {TRACKING_OFF}={os.environ[TRACKING_OFF]}: not logging to MLflow", file=sys.stderr)
                 body(params, NullRun(), args)
                 return 0
             configure(params.get("tracking"))

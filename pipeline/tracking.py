@@ -31,15 +31,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.env import (
+    DVC_STAGE, MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_TRACKING_URI, PARENT_RUN_ID,
+    RUN_GROUP, quiet_telemetry,
+)
 from pipeline.params import flatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-PARENT_ENV = "SCORESDE_PARENT_RUN_ID"
-GROUP_ENV = "SCORESDE_RUN_GROUP"
 
 # Quiet, offline-friendly MLflow defaults (set before mlflow is imported anywhere in the process).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
+quiet_telemetry()
 
 
 class TrackingUnavailable(RuntimeError):
@@ -80,7 +81,7 @@ def params_digest(params_file: str | Path = "params.yaml") -> str:
 
 def run_group() -> str:
     """The reproduction this process belongs to (see module docstring)."""
-    group = os.environ.get(GROUP_ENV)
+    group = os.environ.get(RUN_GROUP)
     if group:
         return group
     return f"git{git_commit()[:8]}-params{params_digest()[:8]}"
@@ -89,7 +90,7 @@ def run_group() -> str:
 # --------------------------------------------------------------- URI handling
 def resolve_uri(tracking: dict | None = None) -> str:
     """``MLFLOW_TRACKING_URI`` wins over ``params.tracking.uri``; default is the local SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (tracking or {}).get("uri") or DEFAULT_URI
+    return os.environ.get(MLFLOW_TRACKING_URI) or (tracking or {}).get("uri") or DEFAULT_URI
 
 
 def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -122,8 +123,8 @@ def configure(tracking: dict | None = None) -> str:
     uri = resolve_uri(tracking)
     timeout = float(tracking.get("timeout_s", 10.0))
     # Bound every later HTTP call as well, so a server dying mid-stage cannot hang it for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(timeout, 1))))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault(MLFLOW_HTTP_REQUEST_TIMEOUT, str(int(max(timeout, 1))))
+    os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES, "2")
     try:
         ensure_reachable(uri, timeout)
     except TrackingUnavailable as err:
@@ -243,13 +244,13 @@ def stage_run(stage: str, params: dict, *, sde: str | None = None, extra_tags: d
     uri = configure(params.get("tracking"))
     experiment = params.get("experiment", "scoresde")
     group = run_group()
-    parent = os.environ.get(PARENT_ENV) or find_or_create_parent(experiment, group)
+    parent = os.environ.get(PARENT_RUN_ID) or find_or_create_parent(experiment, group)
     exp_id = _experiment_id(experiment)
     versions = package_versions()
     tags = {
         "stage": stage.split("@")[0],
         "sde": sde or "none",
-        "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "dvc_stage": os.environ.get(DVC_STAGE, stage),
         "run_group": group,
         "git_commit": git_commit(),
         "seed": params.get("seed", "none"),

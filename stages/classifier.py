@@ -1,82 +1,54 @@
 """Stage `classifier`: a small CNN trained on the real prepared data, the feature extractor of FID / KID.
 
-Trains :class:`scoresde.classifier.SmallCNN` on the ``train`` split of data/prepared/data.parquet,
-measures its accuracy on the held-out ``test`` split (a feature extractor that cannot classify is
-worthless: the stage fails below ``classifier.min_accuracy``), and writes
-
-- models/classifier.pt: ``{"model": state_dict, "config": {...}, "dataset", "extractor", "accuracy"}``
-  (plain tensors and JSON-able values, loadable with ``torch.load(..., weights_only=True)``);
-- reports/metrics/classifier.json: ``{"accuracy": ..., "extractor": "<dataset>_cnn", ...}``.
-
-Toy data (2-D points) and unlabelled data (CelebA) have no classifier: the stage writes a checkpoint
-without a model (``"skipped"`` says why) so the DAG stays the same for every dataset.
+Trains scoresde.classifier.SmallCNN on the `train` split of data/prepared/data.parquet and measures its
+accuracy on the held-out `test` split (an extractor that cannot classify is worthless: the stage fails
+below `classifier.min_accuracy`). Writes models/classifier.pt (`{"model": state_dict, "config", "dataset",
+"extractor", "accuracy"}`, weights-only loadable, byte-identical across runs) and
+reports/metrics/classifier.json. Toy data (points) and unlabelled data (CelebA) have no classifier: the
+stage writes a checkpoint without a model (`"skipped"` says why) so the DAG is the same for every dataset.
 """
 from __future__ import annotations
 
-from pipeline.params import COMMON, DEVICE, Float, Int, OrAuto, Section
-from pipeline.stage import Timer, atomic_path, stage_main, write_json
+from pipeline.io import Timer, write_json
+from pipeline.params import COMMON
+from pipeline.schemas import CLASSIFIER, MIN_ACCURACY
+from pipeline.stage import stage_main
 
 DATA = "data/prepared/data.parquet"
 OUT_MODEL = "models/classifier.pt"
 OUT_METRICS = "reports/metrics/classifier.json"
-# Accuracy a usable extractor must reach on the test split, per dataset (classifier.min_accuracy: auto).
-MIN_ACCURACY = {"digits": 0.95, "mnist": 0.97, "cifar10": 0.6}
-
-SCHEMA = {
-    **COMMON,
-    "classifier": Section({
-        "device": DEVICE,
-        "epochs": Int(30, ge=1, le=10_000),
-        "batch_size": Int(128, ge=1, le=1_000_000),
-        "lr": Float(2e-3, gt=0, le=1),
-        "weight_decay": Float(5e-4, ge=0, le=1),
-        "label_smoothing": Float(0.1, ge=0, lt=1),
-        "shift": Int(1, ge=0, le=8),
-        "width": Int(32, ge=1, le=1024),
-        "feature_dim": Int(128, ge=2, le=8192),
-        "min_accuracy": OrAuto(Float(ge=0, le=1), default="auto"),
-        "threads": OrAuto(Int(ge=1, le=1024), default=1),
-    }),
-}
-
-
-def skip(reason: str, dataset: str, run) -> None:
-    import torch
-
-    print(f"[classifier] {reason}: no classifier trained", flush=True)
-    with atomic_path(OUT_MODEL) as tmp:
-        torch.save({"model": None, "config": None, "dataset": dataset, "skipped": reason}, tmp)
-    write_json(OUT_METRICS, {"dataset": dataset, "skipped": reason})
-    run.set_tags({"dataset": dataset, "skipped": reason})
+SCHEMA = {**COMMON, "classifier": CLASSIFIER}
 
 
 def run(params: dict, run, args) -> None:
     import torch
 
-    from scoresde.training import resolve_device
-
     from pipeline.fidelity import extractor_name
+    from scoresde.checkpoint import atomic_torch_save
     from scoresde.classifier import ClassifierConfig, accuracy, train_classifier
     from scoresde.data import load_prepared
+    from scoresde.distributed import resolve_device
 
     p = params["classifier"]
     train = load_prepared(DATA, split="train")
     dataset = train.meta["dataset"]
-    if train.meta["kind"] != "image":
-        return skip(f"{dataset} holds points, evaluated by sliced Wasserstein / mode weights", dataset, run)
-    num_classes = int(train.labels.max()) + 1
-    if len(torch.unique(train.labels)) < 2:
-        return skip(f"{dataset} has no class labels (use Inception-v3: evaluate.inception_weights)", dataset, run)
+    skipped = (f"{dataset} holds points, evaluated by sliced Wasserstein / mode weights" if train.meta["kind"] != "image"
+               else f"{dataset} has no class labels (use Inception-v3: evaluate.inception_weights)"
+               if len(torch.unique(train.labels)) < 2 else None)
+    if skipped:
+        print(f"[classifier] {skipped}: no classifier trained", flush=True)
+        atomic_torch_save({"model": None, "config": None, "dataset": dataset, "skipped": skipped}, OUT_MODEL)
+        write_json(OUT_METRICS, {"dataset": dataset, "skipped": skipped})
+        run.set_tags({"dataset": dataset, "skipped": skipped})
+        return
     test = load_prepared(DATA, split="test")
     device = resolve_device(p["device"])
     threads = torch.get_num_threads()
     if device.type == "cpu" and p["threads"] != "auto":
-        # Small convolutions gain nothing from more threads, and on shared cores they lose ~10x.
-        torch.set_num_threads(p["threads"])
+        torch.set_num_threads(p["threads"])  # small convolutions gain nothing from more threads, lose on shared cores
     c, h, w = train.meta["shape"]
-    config = ClassifierConfig(in_channels=c, image_size=(h, w), num_classes=num_classes,
+    config = ClassifierConfig(in_channels=c, image_size=(h, w), num_classes=int(train.labels.max()) + 1,
                               width=p["width"], feature_dim=p["feature_dim"])
-    generator = torch.Generator().manual_seed(params["seed"])
     losses: list[float] = []
 
     def log(epoch: int, loss: float) -> None:
@@ -88,11 +60,10 @@ def run(params: dict, run, args) -> None:
             model = train_classifier(train.x, train.labels, config, epochs=p["epochs"], batch_size=p["batch_size"],
                                      lr=p["lr"], weight_decay=p["weight_decay"], shift=p["shift"],
                                      label_smoothing=p["label_smoothing"],
-                                     generator=generator, device=device, log=log)
+                                     generator=torch.Generator().manual_seed(params["seed"]), device=device, log=log)
         finally:
             torch.set_num_threads(threads)
-    acc = accuracy(model, test.x, test.labels)
-    train_acc = accuracy(model, train.x, train.labels)
+    acc, train_acc = accuracy(model, test.x, test.labels), accuracy(model, train.x, train.labels)
     name = extractor_name(dataset)
     threshold = MIN_ACCURACY.get(dataset, 0.0) if p["min_accuracy"] == "auto" else p["min_accuracy"]
     print(f"[classifier] {dataset}: test accuracy {acc:.4f} (train {train_acc:.4f}, {len(test)} test images, "
@@ -105,10 +76,10 @@ def run(params: dict, run, args) -> None:
         raise SystemExit(f"[classifier] test accuracy {acc:.4f} < classifier.min_accuracy {threshold}: "
                          f"its features would make FID meaningless (train longer: classifier.epochs)")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(OUT_MODEL) as tmp:
-        torch.save({"model": state, "config": config.to_dict(), "dataset": dataset, "extractor": name,
-                    "accuracy": acc}, tmp)
+    atomic_torch_save({"model": state, "config": config.to_dict(), "dataset": dataset, "extractor": name,
+                       "accuracy": acc}, OUT_MODEL)
     write_json(OUT_METRICS, {**metrics, "dataset": dataset, "extractor": name, "min_accuracy": threshold})
+    run.log_artifact(OUT_METRICS, "metrics")
 
 
 main = stage_main("classifier", SCHEMA, run)

@@ -4,40 +4,16 @@ Decoding happens once here; later stages read Parquet columns (scoresde.data.loa
 """
 from __future__ import annotations
 
-from pipeline.params import COMMON, Bool, Float, Int, List, Section, Str, sums_to_one
+from pipeline.params import COMMON
+from pipeline.schemas import PREPARE
 from pipeline.stage import stage_main
 
 OUT = "data/prepared/data.parquet"
-DATASETS = ("toy", "digits", "mnist", "cifar10", "celeba")
-
-
-def _toy_checks(d: dict):
-    if len(d["means"]) != len(d["weights"]):
-        return "means", f"expected one mean per weight ({len(d['weights'])}), got {len(d['means'])}"
-    dims = {len(m) for m in d["means"]}
-    if len(dims) != 1:
-        return "means", "expected all means to have the same dimension"
-    return None
-
-
-SCHEMA = {
-    **COMMON,
-    "prepare": Section({
-        "dataset": Str(choices=DATASETS),
-        "root": Str("data/raw"),
-        "download": Bool(False),
-        "toy": Section({
-            "weights": List(Float(gt=0, le=1), min_len=1),
-            "means": List(List(Float(), min_len=1), min_len=1),
-            "std": Float(gt=0),
-            "n": Int(ge=10, le=10_000_000),
-        }, checks=[sums_to_one("weights"), _toy_checks]),
-    }),
-}
+SCHEMA = {**COMMON, "prepare": PREPARE}
 
 
 def run(params: dict, run, args) -> None:
-    from scoresde.data import get_dataset
+    from scoresde.datasets import get_dataset
 
     p = params["prepare"]
     if p["dataset"] == "toy":

@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from scoresde.training import TrainConfig, save_model, train  # noqa: E402
+from scoresde.checkpoint import save_model  # noqa: E402
+from scoresde.training import TrainConfig, train  # noqa: E402
 
 
 def make_data(n: int = 256, seed: int = 123) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""scoresde.data: dataset registry, checksum-verified real-data loaders, Parquet prepared data."""
+"""scoresde.datasets + scoresde.image_datasets + scoresde.data: dataset registry, checksum-verified real-data loaders, Parquet prepared data."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from scoresde import data as D
+from scoresde import datasets as DS
+from scoresde import image_datasets as IDS
 
 SHARED_MNIST = Path(os.environ.get("SCORESDE_MNIST_ROOT", Path(__file__).resolve().parents[2] / "shared/data/mnist"))
 MNIST_TEST_HISTOGRAM = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # published class counts
@@ -33,12 +35,12 @@ def _md5(path: Path) -> str:
 
 
 def test_registry_names():
-    assert set(D.DATASETS) >= {"toy", "digits", "mnist", "cifar10", "celeba"}
+    assert set(DS.DATASETS) >= {"toy", "digits", "mnist", "cifar10", "celeba"}
 
 
 def test_unknown_dataset_names_the_valid_ones():
     with pytest.raises(ValueError) as e:
-        D.get_dataset("imagenet")
+        DS.get_dataset("imagenet")
     msg = str(e.value)
     assert "imagenet" in msg
     for name in ("toy", "digits", "mnist", "cifar10", "celeba"):
@@ -47,7 +49,7 @@ def test_unknown_dataset_names_the_valid_ones():
 
 def test_unknown_option_names_the_key():
     with pytest.raises(ValueError, match="bogus"):
-        D.get_dataset("digits", bogus=1)
+        DS.get_dataset("digits", bogus=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ class _FakeMixture:
 
 def test_toy_uses_scoresde_toy_lazily(monkeypatch):
     monkeypatch.setitem(sys.modules, "scoresde.toy", types.SimpleNamespace(GaussianMixture=_FakeMixture))
-    ds = D.get_dataset("toy", n=4000, n_test=500, seed=3)
+    ds = DS.get_dataset("toy", n=4000, n_test=500, seed=3)
     assert ds.x.shape == (4500, 2) and ds.x.dtype == np.float32
     assert ds.labels.dtype == np.int64 and set(np.unique(ds.labels)) <= {0, 1}
     assert (ds.split == "train").sum() == 4000 and (ds.split == "test").sum() == 500
@@ -80,21 +82,21 @@ def test_toy_uses_scoresde_toy_lazily(monkeypatch):
     # labels are the component: points of component 0 sit around (5, 5)
     assert np.allclose(ds.x[ds.labels == 0].mean(0), [5, 5], atol=0.1)
     assert np.allclose(ds.x[ds.labels == 1].mean(0), [-5, -5], atol=0.2)
-    again = D.get_dataset("toy", n=4000, n_test=500, seed=3)
+    again = DS.get_dataset("toy", n=4000, n_test=500, seed=3)
     assert np.array_equal(ds.x, again.x)  # seeded generator -> identical draws
-    other = D.get_dataset("toy", n=4000, n_test=500, seed=4)
+    other = DS.get_dataset("toy", n=4000, n_test=500, seed=4)
     assert not np.array_equal(ds.x, other.x)
     assert ds.meta["weights"] == [0.8, 0.2] and ds.meta["means"] == [[5.0, 5.0], [-5.0, -5.0]]
 
 
 def test_toy_with_real_gaussian_mixture():
     pytest.importorskip("scoresde.toy")
-    ds = D.get_dataset("toy", n=2000, seed=0)
+    ds = DS.get_dataset("toy", n=2000, seed=0)
     assert ds.x.shape == (2000, 2) and ds.x.dtype == np.float32
     assert abs((ds.labels == 0).mean() - 0.8) < 0.04
     assert np.allclose(ds.x[ds.labels == 0].mean(0), [5, 5], atol=0.1)
     assert np.allclose(ds.x[ds.labels == 1].mean(0), [-5, -5], atol=0.2)
-    assert np.array_equal(ds.x, D.get_dataset("toy", n=2000, seed=0).x)
+    assert np.array_equal(ds.x, DS.get_dataset("toy", n=2000, seed=0).x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_toy_with_real_gaussian_mixture():
 
 @pytest.fixture(scope="module")
 def digits():
-    return D.get_dataset("digits")
+    return DS.get_dataset("digits")
 
 
 def test_digits_count_and_range(digits):
@@ -173,7 +175,7 @@ def test_parquet_roundtrip_toy_points(tmp_path):
 
 def test_parquet_roundtrip_toy_dataset(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scoresde.toy", types.SimpleNamespace(GaussianMixture=_FakeMixture))
-    ds = D.get_dataset("toy", n=300, seed=1)
+    ds = DS.get_dataset("toy", n=300, seed=1)
     prep = D.load_prepared(ds.write(tmp_path / "toy.parquet"))
     assert torch.equal(prep.x, torch.from_numpy(ds.x)) and prep.meta["seed"] == 1
 
@@ -225,7 +227,7 @@ def test_model_space():
 def test_mnist_md5s_match_torchvision():
     from torchvision.datasets import MNIST
 
-    assert {name: info["md5"] for name, info in D.MNIST_FILES.items()} == dict(MNIST.resources)
+    assert {name: info["md5"] for name, info in IDS.MNIST_FILES.items()} == dict(MNIST.resources)
 
 
 def _write_idx_gz(path: Path, arr: np.ndarray) -> None:
@@ -236,10 +238,10 @@ def _write_idx_gz(path: Path, arr: np.ndarray) -> None:
 def test_read_idx_synthetic(tmp_path):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     _write_idx_gz(tmp_path / "a-idx3-ubyte.gz", arr)
-    assert np.array_equal(D.read_idx(tmp_path / "a-idx3-ubyte.gz"), arr)
+    assert np.array_equal(IDS.read_idx(tmp_path / "a-idx3-ubyte.gz"), arr)
     (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") * 3 + b"xx"))
-    with pytest.raises(D.DatasetCorruptedError, match="bad.gz"):
-        D.read_idx(tmp_path / "bad.gz")
+    with pytest.raises(DS.DatasetCorruptedError, match="bad.gz"):
+        IDS.read_idx(tmp_path / "bad.gz")
 
 
 needs_mnist = pytest.mark.skipif(
@@ -253,7 +255,7 @@ needs_mnist = pytest.mark.skipif(
 def mnist_test():
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST test files not present in {SHARED_MNIST}")
-    return D.get_dataset("mnist", root=SHARED_MNIST, splits=("test",))
+    return DS.get_dataset("mnist", root=SHARED_MNIST, splits=("test",))
 
 
 @needs_mnist
@@ -266,8 +268,8 @@ def test_mnist_real_test_split(mnist_test):
     assert set(ds.split) == {"test"}
     assert ds.x.max() == 255 and ds.x.min() == 0
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        assert ds.meta["files"][name] == {"md5": D.MNIST_FILES[name]["md5"], "verified": True}
-        assert _md5(SHARED_MNIST / name) == D.MNIST_FILES[name]["md5"]
+        assert ds.meta["files"][name] == {"md5": IDS.MNIST_FILES[name]["md5"], "verified": True}
+        assert _md5(SHARED_MNIST / name) == IDS.MNIST_FILES[name]["md5"]
 
 
 @needs_mnist
@@ -278,7 +280,7 @@ def test_mnist_idx_parser_agrees_with_torchvision(tmp_path, mnist_test):
     for name, reader in (("t10k-images-idx3-ubyte", read_image_file), ("t10k-labels-idx1-ubyte", read_label_file)):
         raw = tmp_path / name
         raw.write_bytes(gzip.decompress((SHARED_MNIST / f"{name}.gz").read_bytes()))
-        ours[name] = D.read_idx(raw)
+        ours[name] = IDS.read_idx(raw)
         assert np.array_equal(ours[name], reader(str(raw)).numpy())
     assert np.array_equal(mnist_test.x[:, 0], ours["t10k-images-idx3-ubyte"])
     assert np.array_equal(mnist_test.labels, ours["t10k-labels-idx1-ubyte"])
@@ -286,12 +288,12 @@ def test_mnist_idx_parser_agrees_with_torchvision(tmp_path, mnist_test):
 
 @needs_mnist
 def test_mnist_missing_train_images_is_a_clear_error():
-    with pytest.raises(D.DatasetNotFoundError) as e:
-        D.get_dataset("mnist", root=SHARED_MNIST)  # default splits include train; train images are absent
+    with pytest.raises(DS.DatasetNotFoundError) as e:
+        DS.get_dataset("mnist", root=SHARED_MNIST)  # default splits include train; train images are absent
     msg = str(e.value)
     assert "train-images-idx3-ubyte.gz" in msg and "f68b3c2dcbeaaa9fbdd348bbdeb94873" in msg
     assert str(SHARED_MNIST.resolve()) in msg and "test" in msg  # says where, and what is complete
-    avail = D.get_dataset("mnist", root=SHARED_MNIST, splits="available")
+    avail = DS.get_dataset("mnist", root=SHARED_MNIST, splits="available")
     assert set(avail.split) == {"test"} and len(avail) == 10000
 
 
@@ -307,14 +309,14 @@ def test_mnist_corrupted_file_is_named(tmp_path, damage):
     else:
         raw[len(raw) // 2] ^= 0xFF
     target.write_bytes(bytes(raw))
-    with pytest.raises(D.DatasetCorruptedError) as e:
-        D.get_dataset("mnist", root=tmp_path, splits=("test",))
+    with pytest.raises(DS.DatasetCorruptedError) as e:
+        DS.get_dataset("mnist", root=tmp_path, splits=("test",))
     msg = str(e.value)
     assert "t10k-images-idx3-ubyte.gz" in msg and "9fb629c4189551a2d022fa330f9573f3" in msg
     if damage == "truncate":
         # even without the checksum, the IDX length check refuses the truncated file
-        with pytest.raises(D.DatasetCorruptedError, match="t10k-images-idx3-ubyte.gz"):
-            D.get_dataset("mnist", root=tmp_path, splits=("test",), verify=False)
+        with pytest.raises(DS.DatasetCorruptedError, match="t10k-images-idx3-ubyte.gz"):
+            DS.get_dataset("mnist", root=tmp_path, splits=("test",), verify=False)
 
 
 @needs_mnist
@@ -323,29 +325,29 @@ def test_mnist_torchvision_layout(tmp_path):
     raw.mkdir(parents=True)
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         os.symlink(SHARED_MNIST / name, raw / name)
-    ds = D.get_dataset("mnist", root=tmp_path, splits="test", limit=100)
+    ds = DS.get_dataset("mnist", root=tmp_path, splits="test", limit=100)
     assert ds.x.shape == (100, 1, 28, 28)
 
 
 def test_missing_dataset_root_lists_expected_files(tmp_path):
     root = tmp_path / "nowhere"
-    with pytest.raises(D.DatasetNotFoundError) as e:
-        D.get_dataset("mnist", root=root)
+    with pytest.raises(DS.DatasetNotFoundError) as e:
+        DS.get_dataset("mnist", root=root)
     msg = str(e.value)
-    for name, info in D.MNIST_FILES.items():
+    for name, info in IDS.MNIST_FILES.items():
         assert name in msg and info["md5"] in msg
     assert str(root.resolve()) in msg and "download=True" in msg
     assert isinstance(e.value, FileNotFoundError)
 
-    with pytest.raises(D.DatasetNotFoundError) as e:
-        D.get_dataset("cifar10", root=root)
+    with pytest.raises(DS.DatasetNotFoundError) as e:
+        DS.get_dataset("cifar10", root=root)
     msg = str(e.value)
     for name in ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "data_batch_1", "test_batch",
                  "batches.meta"):
         assert name in msg
 
-    with pytest.raises(D.DatasetNotFoundError) as e:
-        D.get_dataset("celeba", root=root)
+    with pytest.raises(DS.DatasetNotFoundError) as e:
+        DS.get_dataset("celeba", root=root)
     msg = str(e.value)
     for name in ("img_align_celeba", "list_eval_partition.txt", "d32c9cbf5e040fd4025c592c306e6668"):
         assert name in msg
@@ -377,7 +379,7 @@ def fake_cifar(tmp_path, monkeypatch):
 
 
 def test_cifar10_through_torchvision(fake_cifar):
-    ds = D.get_dataset("cifar10", root=fake_cifar)
+    ds = DS.get_dataset("cifar10", root=fake_cifar)
     assert ds.x.shape == (24, 3, 32, 32) and ds.x.dtype == np.uint8
     assert (ds.split == "train").sum() == 20 and (ds.split == "test").sum() == 4
     first = pickle.loads((fake_cifar / "cifar-10-batches-py" / "data_batch_1").read_bytes())
@@ -388,8 +390,8 @@ def test_cifar10_through_torchvision(fake_cifar):
 def test_cifar10_corrupted_batch_is_named_and_never_unpickled(fake_cifar, monkeypatch):
     (fake_cifar / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unverified file was unpickled"))
-    with pytest.raises(D.DatasetCorruptedError, match="data_batch_3"):
-        D.get_dataset("cifar10", root=fake_cifar)
+    with pytest.raises(DS.DatasetCorruptedError, match="data_batch_3"):
+        DS.get_dataset("cifar10", root=fake_cifar)
 
 
 @pytest.fixture
@@ -419,7 +421,7 @@ def fake_celeba(tmp_path, monkeypatch):
 def test_celeba_center_crop_resize(fake_celeba):
     from PIL import Image
 
-    ds = D.get_dataset("celeba", root=fake_celeba)
+    ds = DS.get_dataset("celeba", root=fake_celeba)
     assert ds.x.shape == (5, 3, 64, 64) and ds.x.dtype == np.uint8
     assert ds.split.tolist() == ["train"] * 3 + ["test"] * 2
     assert (ds.labels == 0).all()
@@ -433,9 +435,9 @@ def test_celeba_center_crop_resize(fake_celeba):
 def test_celeba_corrupted_annotation_and_image_are_named(fake_celeba):
     img = fake_celeba / "celeba" / "img_align_celeba" / "000002.jpg"
     img.write_bytes(b"\xff\xd8 broken")
-    with pytest.raises(D.DatasetCorruptedError, match="000002.jpg"):
-        D.get_dataset("celeba", root=fake_celeba, splits=("train",))
+    with pytest.raises(DS.DatasetCorruptedError, match="000002.jpg"):
+        DS.get_dataset("celeba", root=fake_celeba, splits=("train",))
     with open(fake_celeba / "celeba" / "list_eval_partition.txt", "a") as f:
         f.write("000007.jpg 0\n")
-    with pytest.raises(D.DatasetCorruptedError, match="list_eval_partition.txt"):
-        D.get_dataset("celeba", root=fake_celeba)
+    with pytest.raises(DS.DatasetCorruptedError, match="list_eval_partition.txt"):
+        DS.get_dataset("celeba", root=fake_celeba)

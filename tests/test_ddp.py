@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scoresde.training import list_checkpoints, load_checkpoint, load_model_state
+from scoresde.checkpoint import list_checkpoints, load_checkpoint, load_model_state
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 

@@ -32,10 +32,10 @@ def default_params(schema) -> dict:
 # ------------------------------------------------------------------------------------ toy (Fig 1)
 def test_toy_exact_scores_show_the_article_claim():
     """Annealing recovers the 0.8 / 0.2 weights; plain Langevin splits the points about evenly."""
+    from pipeline import toy
     from scoresde.metrics import mode_weight_error
-    from stages import toy
 
-    p = default_params(toy.SCHEMA)["toy"]
+    p = default_params({"toy": toy.TOY})["toy"]
     p = {**p, "n": 3000}
     mixture = toy.make_mixture(p)
     g = torch.Generator().manual_seed(0)
@@ -48,9 +48,9 @@ def test_toy_exact_scores_show_the_article_claim():
 
 
 def test_toy_metrics_layout_and_figure(tmp_path):
-    from stages import toy
+    from pipeline import toy
 
-    p = default_params(toy.SCHEMA)["toy"]
+    p = default_params({"toy": toy.TOY})["toy"]
     p = {**p, "n": 200, "n_steps_each": 5, "train": {**p["train"], "steps": 3, "log_every": 1, "n_data": 100}}
     mixture = toy.make_mixture(p)
     g = torch.Generator().manual_seed(0)
@@ -76,12 +76,12 @@ def test_toy_metrics_layout_and_figure(tmp_path):
     ({"n_stepz": 3}, "toy.n_stepz"),
 ])
 def test_toy_params_are_validated(change, field):
-    from stages import toy
+    from pipeline import toy
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["toy"].update(change)
     with pytest.raises(ParamsError) as err:
-        validate(toy.SCHEMA, raw)
+        validate({"toy": toy.TOY}, raw)
     assert err.value.path == field
 
 
@@ -133,18 +133,19 @@ def toy_workspace(tmp_path, monkeypatch):
     """A working directory with what the image stages read, for the toy data: prepared points, a schedule,
     the fid_ref stage's points reference, and small random VE / VP / NCSN score MLPs saved as the train
     stage saves them."""
-    from scoresde.data import get_dataset
-    from scoresde.models import EMA, build_model
-    from scoresde.training import save_model
-    from stages.noise import build_schedule
+    from scoresde.datasets import get_dataset
+    from scoresde.ema import EMA
+    from scoresde.models import build_model
+    from scoresde.checkpoint import save_model
+    from pipeline.schedule import build_schedule
 
     monkeypatch.chdir(tmp_path)
     ds = get_dataset("toy", **TOY_MIXTURE, n=300, n_test=0, seed=0)
     ds.write("data/prepared/data.parquet", meta={"seed": 0})
     x = torch.as_tensor(ds.x, dtype=torch.float32)
     noise = {"sigma_begin": 20.0, "sigma_end": 1.0, "num_levels": 4, "n_examples": 2,
-             "ve": {"sigma_min": 0.5, "sigma_max": "auto", "N": 20},
-             "vp": {"beta_min": 0.1, "beta_max": 20.0, "N": 20}, "subvp": {"beta_min": 0.1, "beta_max": 20.0, "N": 20}}
+             "ve": {"sigma_min": 0.5, "sigma_max": "auto"},
+             "vp": {"beta_min": 0.1, "beta_max": 20.0}, "subvp": {"beta_min": 0.1, "beta_max": 20.0}}
     schedule = build_schedule(noise, x)
     Path("data/noise").mkdir(parents=True)
     Path("data/noise/schedule.json").write_text(json.dumps(schedule))
@@ -176,37 +177,39 @@ def test_annealing_stage_on_a_tiny_model(toy_workspace):
     from stages import annealing
 
     params = _with(default_params(annealing.SCHEMA), "annealing", n=32, batch_size=16, n_steps_each=3, device="cpu")
-    cfgs = annealing.sampler_configs(params["annealing"])
-    assert {c["n_steps_each"] for c in cfgs.values()} == {3}  # the same budget for both
     annealing.run(params, NullRun(), None)
     m = json.loads(Path(annealing.METRICS).read_text())
     assert set(m) == {"langevin_fixed_sigma", "annealed_langevin"}
     for r in m.values():
-        assert r["nfe"] >= 4 * 3 and r["n"] == 32
+        assert r["nfe"] >= 4 * 3 and r["n"] == 32 and r["extractors"] == ["points"]
         assert "sliced_wasserstein_n32" in r and "mode_weight_error_n32" in r
+    assert m["langevin_fixed_sigma"]["nfe"] == 4 * 3  # the same budget for both (+1 Tweedie step when annealed)
+    assert m["annealed_langevin"]["nfe"] == 4 * 3 + 1
     assert m["langevin_fixed_sigma"]["sigma"] == pytest.approx(1.0)
     assert Path(annealing.FIGURE).stat().st_size > 1000
 
 
 def test_ablation_schedule_and_names():
-    from stages import ablation
+    from pipeline import ablation
+    from pipeline.schedule import ablation_schedule
 
     schedule = {"sigma_begin": 4.8, "sigmas": [4.8, 0.01], "num_levels": 2, "sigma_end": 0.01}
-    s = ablation.ablation_schedule(schedule, 0.001, 10)
+    s = ablation_schedule(schedule, 0.001, 10)
     assert len(s["sigmas"]) == 10 and s["sigmas"][0] == pytest.approx(4.8) and s["sigmas"][-1] == pytest.approx(0.001)
     ratios = np.array(s["sigmas"][:-1]) / np.array(s["sigmas"][1:])
     assert np.allclose(ratios, ratios[0])  # log-spaced
     with pytest.raises(ParamsError):
-        ablation.ablation_schedule(schedule, 5.0, 10)
+        ablation_schedule(schedule, 5.0, 10)
     # file names follow DVC's rendering of ${item} for the default values (dvc.yaml lists them)
-    sigma_ends = default_params(ablation.SCHEMA)["ablation"]["sigma_ends"]
+    sigma_ends = default_params({"ablation": ablation.ABLATION})["ablation"]["sigma_ends"]
     dvc = (ROOT / "dvc.yaml").read_text()
     for v in sigma_ends:
         assert ablation.metrics_path(ablation.value_name(v)) in dvc
 
 
 def test_ablation_stage_and_summary_on_a_tiny_model(toy_workspace):
-    from stages import ablation
+    from pipeline.ablation import PLOT, SUMMARY_FIGURE, figure_path, metrics_path
+    from stages import ablation, ablation_summary
 
     params = default_params(ablation.SCHEMA)
     a = params["ablation"]
@@ -217,29 +220,35 @@ def test_ablation_stage_and_summary_on_a_tiny_model(toy_workspace):
     a["sigma_ends"] = [0.1, 0.01]
     for v in a["sigma_ends"]:
         ablation.run(params, NullRun(), type("Args", (), {"sigma_end": str(v)})())
-        m = json.loads(Path(ablation.metrics_path(str(v))).read_text())
+        m = json.loads(Path(metrics_path(str(v))).read_text())
         assert m["sigma_end"] == v and m["num_levels"] == 3 and m["train_steps"] == 4
         assert "sliced_wasserstein_n24" in m and m["nfe"] == 3 * 2
-        assert Path(ablation.figure_path(str(v))).exists()
-    ablation.summary_run(params, NullRun(), None)
-    lines = Path(ablation.PLOT).read_text().splitlines()
+        assert Path(figure_path(str(v))).exists()
+    ablation_summary.run(params, NullRun(), None)
+    lines = Path(PLOT).read_text().splitlines()
     assert lines[0].startswith("sigma_end,fid,kid")
     assert [float(l.split(",")[0]) for l in lines[1:]] == [0.1, 0.01]
-    assert Path(ablation.SUMMARY_FIGURE).exists()
+    assert Path(SUMMARY_FIGURE).exists()
 
 
 def test_samplers_configs_and_table():
+    from pipeline import cost
     from stages import samplers
 
     p = default_params(samplers.SCHEMA)["samplers"]
-    assert samplers.method_config(p, "reverse_diffusion")["corrector"] == "none"
-    assert samplers.method_config(p, "pc")["steps"] == 1000
-    assert samplers.method_config(p, "heun")["num_steps"] == 18
-    rows = samplers.table_rows({"heun": {"fid_digits_cnn_n200": 10.0, "kid_digits_cnn_n200": 0.1,
-                                         "kid_std_digits_cnn_n200": 0.01, "nfe": 35, "seconds": 1.5},
-                                "annealed_langevin": {"skipped": "needs VE"}})
+    configs, skipped = cost.method_configs(p)
+    assert configs["reverse_diffusion"]["corrector"] == "none"
+    assert configs["pc"]["steps"] == 1000
+    assert configs["heun"]["num_steps"] == 18 and not skipped
+    _, skipped = cost.method_configs({**p, "sde": "vp"})
+    assert set(skipped) == {"annealed_langevin"}
+    rows = cost.table_rows({"heun": {"fid_digits_cnn_n200": 10.0, "kid_digits_cnn_n200": 0.1,
+                                     "kid_std_digits_cnn_n200": 0.01, "nfe": 35, "seconds": 1.5,
+                                     "seconds_per_1000": 7.5, "extractors": ["digits_cnn"], "n": 200},
+                            "annealed_langevin": {"skipped": "needs VE"}})
     assert rows[0]["fid"] == 10.0 and rows[0]["kid"] == 0.1 and rows[0]["nfe"] == 35
-    table = samplers.markdown_table(rows, "ve", 200)
+    assert rows[0]["metric"] == "fid_digits_cnn_n200"
+    table = cost.markdown_table(rows, "ve", 200)
     assert "| heun | 10 | 0.1 | 35 | 1.5 |" in table and "skipped" in table
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["samplers"]["run"] = ["pc", "euler"]
@@ -278,7 +287,8 @@ def test_quality_metrics_on_images_uses_the_cached_reference(tmp_path):
     """FID plumbing of the image stages: an untrained classifier as extractor; a set against itself has FID ~ 0."""
     from pipeline import fidelity as fd
     from scoresde.classifier import ClassifierConfig, build_classifier
-    from stages.annealing import quality_metrics
+    from scoresde.data import to_uint8
+    from pipeline.quality import sample_quality as quality_metrics
 
     cfg = ClassifierConfig.from_dict({"in_channels": 1, "image_size": [8, 8], "num_classes": 10, "width": 8,
                                       "feature_dim": 16})
@@ -288,11 +298,12 @@ def test_quality_metrics_on_images_uses_the_cached_reference(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.rand((64, 1, 8, 8), generator=g)
     name = fd.register_classifier(fd.extractor_name("digits"), model)
-    ref = fd.reference_statistics(fd.to_uint8(x), name)
+    ref = fd.reference_statistics(to_uint8(x), name)
     fd.save_references(tmp_path / "ref.npz", [ref], kind=np.array("image"), dataset=np.array("digits"),
                        shape=np.array([1, 8, 8]), extractor_message=np.array(""), inception_weights=np.array(""))
     same = quality_metrics(x, 0, "cpu", reference=str(tmp_path / "ref.npz"), classifier=str(tmp_path / "classifier.pt"))
-    assert set(same) == {"fid_digits_cnn_n64", "kid_digits_cnn_n64", "kid_std_digits_cnn_n64"}
+    assert set(same) == {"fid_digits_cnn_n64", "kid_digits_cnn_n64", "kid_std_digits_cnn_n64", "extractors", "n"}
+    assert same["extractors"] == ["digits_cnn"] and same["n"] == 64
     # An untrained extractor's features are tiny (trace of their covariance ~1e-4): judge FIDs on that scale.
     spread = float(np.trace(ref.sigma))
     assert abs(same["fid_digits_cnn_n64"]) < 1e-6 * spread

@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scoresde import training
 from scoresde.losses import sde_dsm_loss
 from scoresde.models import build_model, get_score_fn
 from scoresde.sde import VESDE
-from scoresde.training import TrainConfig, list_checkpoints, resolve_fast_path, train
+from scoresde.checkpoint import list_checkpoints, load_checkpoint
+from scoresde.fastpath import resolve_fast_path
+from scoresde.training import TrainConfig, train
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -148,7 +149,7 @@ def test_compile_trains_and_checkpoints_plain_state_dict(tmp_path):
     plain = _run(tmp_path, "plain", steps=3)
     assert not any("_orig_mod" in k for k in res.model.state_dict())
     assert _max_diff(res.model.state_dict(), plain.model.state_dict()) < 1e-3
-    ckpt = training.load_checkpoint(list_checkpoints(tmp_path / "compiled")[0][1])
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "compiled")[0][1])
     assert not any("_orig_mod" in k for k in ckpt["model"])
     again = _run(tmp_path, "compiled", steps=6, compile=True)
     assert again.resumed_from == 3

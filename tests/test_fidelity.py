@@ -26,7 +26,7 @@ UNREACHABLE = "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth"  # 
 
 @pytest.fixture(scope="module")
 def digits():
-    from scoresde.data import load_digits
+    from scoresde.datasets import load_digits
 
     ds = load_digits()
     train = torch.from_numpy(ds.x[ds.split == "train"])

@@ -28,9 +28,10 @@ for _k, _v in OFFLINE.items():
     os.environ.setdefault(_k, _v)
 
 from pipeline.dvcgraph import load_pipeline, parse_dot_edges  # noqa: E402
-from pipeline.flow import (  # noqa: E402
-    OrchestrationConfig, ParamsError, PipelineFailed, StageFailed, reproduce, split_command,
-)
+from pipeline.flow import PipelineFailed, reproduce  # noqa: E402
+from pipeline.orchestration import OrchestrationConfig  # noqa: E402
+from pipeline.params import ParamsError  # noqa: E402
+from pipeline.runner import StageFailed, split_command  # noqa: E402
 
 
 def _load_bench():

@@ -181,3 +181,18 @@ def test_unreachable_tracking_server_fails_fast(reproduced, tmp_path):
     assert proc.returncode == 1 and f"127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert time.time() - start < 30
     assert (repo / "reports/metrics/train_ve.json").stat().st_mtime_ns == before
+
+
+def test_logging_settings_are_not_stage_inputs(reproduced):
+    """Pointing MLflow elsewhere (tracking.*) re-runs nothing: `dvc status` stays clean."""
+    repo, _ = reproduced
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["tracking"].update(uri="http://127.0.0.1:5999", timeout_s=3, offline_fallback=True)
+    try:
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        status = dvc(repo, "status", "--json")
+        assert json.loads(status.stdout or "{}") == {}, status.stdout
+    finally:
+        params_file.write_text(original)

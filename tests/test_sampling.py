@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from scoresde import sampling
+from scoresde import pc, sampling
 from scoresde.metrics import mode_weight_error
 from scoresde.noise import geometric_sigmas
 from scoresde.sde import get_sde
@@ -123,7 +123,7 @@ def test_sde_samplers_recover_mode_weights_with_exact_scores(name, sampler, kwar
     mix = fig1()
     sde = make_sde(name)
     g = torch.Generator().manual_seed(10)
-    x, nfe = sampling.get_sampler(sampler)(sde, mix.sde_score(sde), (4000, 2), generator=g, **kwargs)
+    x, nfe = sampling.get_sampler(sampler, sde=sde, **kwargs)(mix.sde_score(sde), (4000, 2), generator=g)
     assert x.shape == (4000, 2) and torch.isfinite(x).all()
     assert mode_weight_error(x, mix) <= 0.03
     for s in per_mode_std(x, mix):
@@ -139,7 +139,7 @@ def test_corrector_only_sampling_runs_but_mixes_slowly(corrector):
     mix = fig1()
     sde = make_sde("ve")
     g = torch.Generator().manual_seed(10)
-    x, nfe = sampling.pc_sampler(sde, mix.sde_score(sde), (4000, 2), predictor="none", corrector=corrector, n_corrector_steps=2, generator=g)
+    x, nfe = pc.pc_sampler(sde, mix.sde_score(sde), (4000, 2), predictor="none", corrector=corrector, n_corrector_steps=2, generator=g)
     assert nfe == 1000
     assert mode_weight_error(x, mix) <= 0.06
     for s in per_mode_std(x, mix):  # modes also come out a little wide (~1.1)
@@ -151,9 +151,9 @@ def test_nfe_counts():
     sde = get_sde("vp", N=20)
     sf = mix.sde_score(sde)
     g = torch.Generator().manual_seed(0)
-    assert sampling.pc_sampler(sde, sf, (8, 2), generator=g)[1] == 40
-    assert sampling.pc_sampler(sde, sf, (8, 2), corrector="none", generator=g)[1] == 20
-    assert sampling.pc_sampler(sde, sf, (8, 2), predictor="none", n_corrector_steps=3, generator=g)[1] == 60
+    assert pc.pc_sampler(sde, sf, (8, 2), generator=g)[1] == 40
+    assert pc.pc_sampler(sde, sf, (8, 2), corrector="none", generator=g)[1] == 20
+    assert pc.pc_sampler(sde, sf, (8, 2), predictor="none", n_corrector_steps=3, generator=g)[1] == 60
     assert sampling.heun_sampler(sde, sf, (8, 2), generator=g)[1] == 35
     assert sampling.heun_sampler(sde, sf, (8, 2), num_steps=5, generator=g)[1] == 9
     _, nfe = sampling.ode_sampler(sde, sf, (8, 2), generator=g)
@@ -185,7 +185,7 @@ def _run_all(seed):
     }
     for p in ["euler_maruyama", "reverse_diffusion", "ancestral", "none"]:
         for c in ["langevin", "ald", "none"]:
-            out[f"pc-{p}-{c}"] = sampling.pc_sampler(
+            out[f"pc-{p}-{c}"] = pc.pc_sampler(
                 sde, sf, (64, 2), predictor=p, corrector=c, denoise=False, generator=torch.Generator().manual_seed(seed)
             )[0]
     return out
@@ -202,12 +202,63 @@ def test_every_sampler_is_reproducible_from_its_generator():
 
 # ------------------------------------------------------------------------------------------ registry
 def test_registries():
-    for name in ["pc", "ode", "heun", "annealed_langevin", "langevin"]:
-        assert callable(sampling.get_sampler(name))
-    assert sampling.get_predictor("ancestral") is sampling.AncestralSamplingPredictor
-    assert sampling.get_corrector("ald") is sampling.AnnealedLangevinCorrector
-    for getter in [sampling.get_sampler, sampling.get_predictor, sampling.get_corrector]:
+    assert set(sampling.sampler_names()) == {"pc", "ode", "heun", "annealed_langevin", "langevin"}
+    assert pc.get_predictor("ancestral") is pc.AncestralSamplingPredictor
+    assert pc.get_corrector("ald") is pc.AnnealedLangevinCorrector
+    for getter in [pc.get_predictor, pc.get_corrector]:
         with pytest.raises(ValueError):
             getter("nope")
     with pytest.raises(ValueError):
-        sampling.pc_sampler(get_sde("subvp", N=5), lambda x, t: -x, (2, 2), predictor="ancestral")
+        pc.pc_sampler(get_sde("subvp", N=5), lambda x, t: -x, (2, 2), predictor="ancestral")
+
+
+# ---------------------------------------------------------------------------------- one interface
+def test_get_sampler_is_one_interface_with_nfe_counted_inside():
+    """Every sampler: sampler(score_fn, shape, generator=...) -> (x, nfe); nfe = the calls it made."""
+    sde = get_sde("ve", sigma_min=0.01, sigma_max=20.0, N=8)
+    sigmas = geometric_sigmas(20.0, 0.5, 4)
+    calls = []
+
+    def score(x, c):  # counts calls from outside: the reported NFE must agree
+        calls.append(1)
+        return -x / (1.0 + c.reshape(-1, 1) ** 2)
+
+    cases = {"annealed_langevin": dict(sigmas=sigmas, n_steps_each=3, step_lr=0.1, denoise=True),
+             "langevin": dict(sigmas=sigmas, n_steps_each=3, step_lr=0.1),
+             "pc": dict(sde=sde, snr=0.1), "ode": dict(sde=sde, rtol=1e-3, atol=1e-3), "heun": dict(sde=sde, num_steps=4)}
+    for name, settings in cases.items():
+        calls.clear()
+        s = sampling.get_sampler(name, **settings)
+        assert s.conditioning == ("sigma" if "langevin" in name else "time")
+        x, nfe = s(score, (16, 2), generator=torch.Generator().manual_seed(0))
+        assert x.shape == (16, 2) and torch.isfinite(x).all(), name
+        assert nfe == len(calls) > 0, name
+        again, _ = s(score, (16, 2), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(x, again), name  # everything random comes from the generator
+    assert sampling.get_sampler("annealed_langevin", **cases["annealed_langevin"])(
+        score, (4, 2), generator=torch.Generator())[1] == 4 * 3 + 1
+    assert sampling.get_sampler("pc", sde=sde)(score, (4, 2), generator=torch.Generator())[1] == 2 * 8
+    assert sampling.get_sampler("heun", sde=sde, num_steps=4)(score, (4, 2), generator=torch.Generator())[1] == 7
+
+
+def test_get_sampler_names_unknown_settings_and_samplers():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampling.get_sampler("euler")
+    with pytest.raises(TypeError, match=r"rtol"):
+        sampling.get_sampler("heun", sde=get_sde("ve"), rtol=1e-3)
+    assert "sigmas" in sampling.sampler_settings("annealed_langevin")
+    assert "sde" in sampling.sampler_settings("pc")
+
+
+def test_sigma_conditioned_uses_the_sde_inverse_noise_level():
+    sde = get_sde("ve", sigma_min=0.01, sigma_max=50.0)
+    seen = {}
+
+    def score_t(x, t):
+        seen["t"] = t
+        return x
+
+    sigma = torch.tensor([0.01, 1.0, 50.0])
+    sampling.sigma_conditioned(score_t, sde)(torch.zeros(3, 2), sigma)
+    assert torch.allclose(sde.noise_level(seen["t"]), sigma, rtol=1e-5)
+    assert torch.allclose(seen["t"][[0, 2]], torch.tensor([0.0, 1.0]), atol=1e-6)

@@ -19,18 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde import training
-from scoresde.training import (
+from scoresde import checkpoint, distributed
+from scoresde.checkpoint import (
     CorruptCheckpointError,
-    NonFiniteLossError,
-    TrainConfig,
     UnsafeCheckpointError,
     list_checkpoints,
     load_checkpoint,
     load_model_state,
     save_model,
-    train,
 )
+from scoresde.training import NonFiniteLossError, TrainConfig, train
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 _spec = importlib.util.spec_from_file_location("_train_worker", WORKER)
@@ -94,7 +92,8 @@ def interrupt_at(n):
 @pytest.mark.parametrize(
     "field,value",
     [("steps", -1), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("ema_decay", 1.0),
-     ("grad_clip", -1.0), ("ckpt_every", 0), ("log_every", 0), ("device", "gpu"), ("steps", 1.5)],
+     ("grad_clip", -1.0), ("ckpt_every", 0), ("log_every", 0), ("device", "gpu"), ("steps", 1.5),
+     ("steps", 0), ("device", "mps"), ("device", "cuda:x"), ("amp_dtype", "fp8"), ("optimizer_impl", "sgd")],
 )
 def test_config_validation_names_field(field, value):
     kw = {"steps": 10, "batch_size": 4, "lr": 1e-3, field: value}
@@ -109,8 +108,8 @@ def test_config_from_dict_rejects_unknown_keys():
 
 
 def test_resolve_device_auto():
-    assert training.resolve_device("cpu").type == "cpu"
-    assert training.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert distributed.resolve_device("cpu").type == "cpu"
+    assert distributed.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def test_checkpoints_written_atomically_pruned_and_weights_only(tmp_path):
 
 
 def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
-    sampler = training._BatchSampler(100, seed=5)
+    sampler = distributed.BatchSampler(100, seed=5)
     gen = torch.Generator().manual_seed(7)
     random.seed(1)
     np.random.seed(2)
@@ -151,16 +150,16 @@ def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
     random.gauss(0, 1)  # leaves a cached gauss_next
     np.random.standard_normal()  # numpy has_gauss = 1 path
     sampler.next(30)
-    training.atomic_torch_save(training._capture_rng(sampler, gen), tmp_path / "rng.pt")
+    checkpoint.atomic_torch_save(checkpoint.capture_rng(sampler, gen), tmp_path / "rng.pt")
     expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(3),
                 sampler.next(130), torch.rand(3, generator=gen))
     random.seed(99)
     np.random.seed(99)
     torch.manual_seed(99)
-    sampler2 = training._BatchSampler(100, seed=0)
+    sampler2 = distributed.BatchSampler(100, seed=0)
     gen2 = torch.Generator().manual_seed(0)
     rng = torch.load(tmp_path / "rng.pt", map_location="cpu", weights_only=True)
-    training._restore_rng(rng, sampler2, gen2)
+    checkpoint.restore_rng(rng, sampler2, gen2)
     got = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(3),
            sampler2.next(130), torch.rand(3, generator=gen2))
     assert got[0] == expected[0] and got[1] == expected[1]
@@ -170,7 +169,7 @@ def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
 
 
 def test_batch_sampler_covers_each_epoch_once():
-    s = training._BatchSampler(10, seed=0)
+    s = distributed.BatchSampler(10, seed=0)
     idx = torch.cat([s.next(4) for _ in range(5)])  # 20 draws = 2 epochs
     assert sorted(idx[:10].tolist()) == list(range(10)) and sorted(idx[10:].tolist()) == list(range(10))
 
@@ -228,7 +227,7 @@ def test_torn_checkpoint_is_ignored_and_older_one_used(tmp_path, caplog):
     (tmp_path / "run" / ".tmp-ckpt_00000011.pt.123.abcd.tmp").write_bytes(data[:100])  # leftover temp
     with pytest.raises(CorruptCheckpointError, match="ckpt_00000010.pt"):
         load_checkpoint(newest)
-    with caplog.at_level(logging.WARNING, logger="scoresde.training"):
+    with caplog.at_level(logging.WARNING, logger="scoresde.checkpoint"):
         res = run_inprocess(tmp_path / "run", steps=16)
     assert res.resumed_from == 5
     assert "torn/corrupt" in caplog.text and "ckpt_00000010.pt" in caplog.text
@@ -238,7 +237,7 @@ def test_torn_checkpoint_is_ignored_and_older_one_used(tmp_path, caplog):
 
 def test_stale_fingerprint_checkpoint_is_ignored(tmp_path, caplog):
     run_inprocess(tmp_path, steps=10, fingerprint="params-A")
-    with caplog.at_level(logging.WARNING, logger="scoresde.training"):
+    with caplog.at_level(logging.WARNING, logger="scoresde.checkpoint"):
         res = run_inprocess(tmp_path, steps=10, fingerprint="params-B")
     assert res.resumed_from is None and res.steps_done == 10
     assert "stale" in caplog.text and "params-A" in caplog.text
@@ -325,7 +324,7 @@ def test_training_skips_malicious_checkpoint(tmp_path, caplog):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _write_evil(run_dir / "ckpt_00000005.pt", sentinel, "torch")
-    with caplog.at_level(logging.WARNING, logger="scoresde.training"):
+    with caplog.at_level(logging.WARNING, logger="scoresde.checkpoint"):
         res = run_inprocess(run_dir, steps=6)
     assert not sentinel.exists()
     assert res.resumed_from is None and "refusing" in caplog.text
