@@ -10,6 +10,7 @@ Left out on purpose: the stage harness and the logging it does (``pipeline.stage
 ``__init__`` files that hold only a docstring and constants.
 
     python -m pipeline.deps            # one line per stage with a missing or superfluous code dep; exit 1 if any
+    python -m pipeline.deps --write    # rewrite the code deps of every stage in dvc.yaml from the closures
 """
 from __future__ import annotations
 
@@ -133,8 +134,41 @@ def check(root: str | Path = ".") -> dict[str, dict[str, list[str]]]:
     return problems
 
 
+def write(root: str | Path = ".") -> None:
+    """Replace the code deps (``*.py`` of the packages) of every stage in dvc.yaml by its closure: the stage
+    module first, then pipeline/, then scoresde/; data deps and comments are kept, in place."""
+    import re
+
+    root = Path(root)
+    commands = stage_commands(root)
+    code = re.compile(r"^(\s+)- (%s)/\S+\.py\s*(#.*)?$" % "|".join(PACKAGES))
+    lines, out, stage, i = (root / "dvc.yaml").read_text().split("\n"), [], None, 0
+    while i < len(lines):
+        line = lines[i]
+        named = re.match(r"^  (\w+):", line)
+        stage = named.group(1) if named else stage
+        out.append(line)
+        i += 1
+        head = re.match(r"^(\s+)deps:\s*$", line)
+        if not head or stage not in commands:
+            continue
+        indent, rest = head.group(1) + "  ", []
+        while i < len(lines) and re.match(r"^\s+- ", lines[i]):
+            (rest if not code.match(lines[i]) else []).append(lines[i])
+            indent = re.match(r"^(\s+)- ", lines[i]).group(1)
+            i += 1
+        files = sorted(p.as_posix() for p in import_closure(commands[stage][0], root))
+        files = sorted(files, key=lambda f: ("stages", "pipeline", "scoresde").index(f.split("/")[0]))
+        out += [f"{indent}- {f}" for f in files] + rest
+    (root / "dvc.yaml").write_text("\n".join(out))
+
+
 def main(argv: list[str] | None = None) -> int:
-    root = (argv or sys.argv[1:] or ["."])[0]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--write" in args:
+        args.remove("--write")
+        write(args[0] if args else ".")
+    root = args[0] if args else "."
     problems = check(root)
     for name, p in problems.items():
         print(f"{name}: missing {p['missing']} superfluous {p['superfluous']}")

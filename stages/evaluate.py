@@ -41,10 +41,13 @@ def run(params: dict, run, args) -> None:
         if "extractor_message" in extra:
             fd.log(f"extractors {names} (fid_ref: {extra['extractor_message']})", f"evaluate@{kind}")
 
-    with Timer() as timer:
-        metrics = sample_quality(x, params["seed"], resolve_device(e["device"]), n, batch_size=e["batch_size"],
-                                 kid_subsets=e["kid_subsets"], kid_subset_size=e["kid_subset_size"],
-                                 sw_projections=e["sw_projections"], on_extractors=said)
+    try:
+        with Timer() as timer:
+            metrics = sample_quality(x, params["seed"], resolve_device(e["device"]), n, batch_size=e["batch_size"],
+                                     kid_subsets=e["kid_subsets"], kid_subset_size=e["kid_subset_size"],
+                                     sw_projections=e["sw_projections"], on_extractors=said)
+    except ValueError as err:  # samples and reference of different datasets: say so, no traceback
+        raise SystemExit(f"[evaluate@{kind}] {err}") from None
     scores = {k: v for k, v in metrics.items() if k not in ("extractors", "n")}
     for k, v in scores.items():
         print(f"[evaluate@{kind}] {k} = {v:.5g}  ({info['sampler']}, {info['nfe']} NFE, {info['checkpoint']} weights)",

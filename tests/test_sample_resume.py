@@ -6,7 +6,7 @@ import torch
 
 import scoresde.sampling as sampling
 from scoresde.models import build_model
-from stages.sample import generate
+from pipeline.generation import generate
 
 SCHEDULE = {"data_shape": [1, 8, 8], "sigmas": [1.0, 0.3, 0.1, 0.03]}
 CFG = {"sampler": "annealed_langevin", "batch_size": 2, "n_steps_each": 2, "step_lr": 4e-5, "denoise": True}

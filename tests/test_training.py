@@ -232,7 +232,7 @@ def test_torn_checkpoint_is_ignored_and_older_one_used(tmp_path, caplog):
     assert res.resumed_from == 5
     assert "torn/corrupt" in caplog.text and "ckpt_00000010.pt" in caplog.text
     assert_same_result(res, ref)
-    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert not list((tmp_path / "run").glob(".tmp-*"))
 
 
 def test_stale_fingerprint_checkpoint_is_ignored(tmp_path, caplog):
@@ -416,4 +416,4 @@ def test_sigkill_and_sigterm_then_rerun_gives_identical_weights(tmp_path):
     got, ref = load_model_state(out), load_model_state(ref_out)
     assert_same_state(got["model"], ref["model"])
     assert_same_state(got["ema"]["shadow"], ref["ema"]["shadow"])
-    assert not list(ckpt.glob("*.tmp"))
+    assert not list(ckpt.glob(".tmp-*"))
