@@ -262,6 +262,10 @@ COMMON = {
     "experiment": Str(),
     "seed": Int(ge=0),
     "tracking": TRACKING,
+    # torch's CPU threads in every stage. Fixed, because float reductions split over another number of
+    # threads round differently: torch's default (the physical cores) would make the numbers depend on the
+    # machine. "auto" = torch's default (faster on many cores, machine-dependent results).
+    "cpu_threads": OrAuto(Int(ge=1, le=1024), default=1),
 }
 
 

@@ -48,6 +48,10 @@ def stage_main(stage: str, schema: dict[str, Spec], body: Callable[..., None], *
         except ParamsError as err:
             print(f"[{name}] invalid parameters: {err}", file=sys.stderr)
             return 2
+        if params.get("cpu_threads", "auto") != "auto":
+            import torch
+
+            torch.set_num_threads(params["cpu_threads"])
         from pipeline.tracking import NullRun, TrackingUnavailable, configure, stage_run
 
         try:

@@ -92,3 +92,5 @@ def test_only_the_report_reads_logging_settings():
         params = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("do", stage).get("params", [])]
         assert "tracking" not in params, name
         assert "experiment" not in params or name == "report", name
+        # torch's CPU thread count changes float results: every stage that computes lists it
+        assert "cpu_threads" in params or name == "report", name

@@ -198,3 +198,29 @@ def test_unknown_top_level_section_is_reported(tmp_path):
     params["prefect"] = {"max_workers": 2}  # read by pipeline.flow, not by a stage: allowed
     f.write_text(yaml.safe_dump(params))
     assert check_all(f, ROOT / "dvc.yaml") == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("device", "auto"), ("device", "cpu"), ("device", "cuda"), ("device", "cuda:1"), ("device", "mps"),
+    ("device", "gpu"), ("device", "cuda:x"), ("steps", 0), ("steps", 1), ("amp_dtype", "bfloat16"),
+    ("amp_dtype", "fp8"), ("optimizer_impl", "fused"), ("optimizer_impl", "sgd"),
+])
+def test_params_schema_and_train_config_accept_the_same_values(field, value):
+    """One source of truth: train.<kind> (and train.device) validate exactly as scoresde.training.TrainConfig."""
+    from pipeline.params import ParamsError
+    from pipeline.schemas import DEVICE, train_section
+    from scoresde.training import TrainConfig
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["ve"]
+    try:
+        DEVICE.validate(value, "train.device") if field == "device" else train_section("ve").validate(
+            {**raw, field: value}, "train.ve")
+        schema_ok = True
+    except ParamsError:
+        schema_ok = False
+    try:
+        TrainConfig(**{"steps": 1, "batch_size": 1, "lr": 1e-3, field: value})
+        config_ok = True
+    except ValueError:
+        config_ok = False
+    assert schema_ok == config_ok
