@@ -175,11 +175,10 @@ def main(argv=None) -> int:
     print(f"device: {dev_name}; torch {torch.__version__}")
     print(f"{'sampler':<44} {'variant':<22} {'NFE':>6} {'seconds':>9} {'images/s':>10} {'s/1000 img':>11}")
     for r in rows:
-        if "error" in r:
-            print(f"{r['sampler']:<44} {r['variant']:<22} failed: {r['error'][:80]}")
-            continue
-        print(f"{r['label']:<44} {r['variant']:<22} {r['nfe']:>6} {r['seconds']:>9.2f} {r['images_per_s']:>10.2f} "
-              f"{r['s_per_1000_images']:>11.1f}")
+        failed = "error" in r
+        cells = (f"failed: {r['error'][:80]}" if failed else
+                 f"{r['nfe']:>6} {r['seconds']:>9.2f} {r['images_per_s']:>10.2f} {r['s_per_1000_images']:>11.1f}")
+        print(f"{r['sampler'] if failed else r['label']:<44} {r['variant']:<22} {cells}")
     by = {}
     for r in rows:
         if "error" not in r:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.io import atomic_path, save_figure
+from pipeline.schemas import MODEL_KINDS
 
 
 def pyplot():
@@ -71,7 +72,7 @@ def plot_forward(schedule: dict, rows: list[dict], path: str, n_times: int) -> N
     examples per process (NCSN levels σ_i, VE / VP / subVP marginals at ``n_times`` times)."""
     plt = pyplot()
     shape = schedule["data_shape"]
-    processes = ["ncsn", "ve", "vp", "subvp"]
+    processes = list(MODEL_KINDS)
     if len(shape) == 1:
         levels = schedule["sigmas"]
         fig, axes = plt.subplots(1, len(levels), figsize=(2.2 * len(levels), 2.4), squeeze=False)

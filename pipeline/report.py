@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.env import quiet_telemetry
+from pipeline.env import MLFLOW_TRACKING_URI, quiet_telemetry
 
 quiet_telemetry()
 
@@ -147,16 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"[report] {err}", file=sys.stderr)
         return 2
-    try:
-        if args.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if args.tracking_uri:
+        os.environ[MLFLOW_TRACKING_URI] = args.tracking_uri
+    try:  # an unreachable store, an unknown experiment or run group: one line, exit 1
         uri = configure({"uri": args.tracking_uri} if args.tracking_uri else params.get("tracking"))
-    except TrackingUnavailable as err:
-        print(f"[report] {err}", file=sys.stderr)
-        return 1
-    try:
         md, page = generate(args.experiment, args.runs, args.out, args.figures, args.max_groups, params=params)
-    except ReportError as err:
+    except (TrackingUnavailable, ReportError) as err:
         print(f"[report] {err}", file=sys.stderr)
         return 1
     print(f"[report] {md} and {page} written from {uri} (experiment {args.experiment})")

@@ -8,6 +8,7 @@ that discretises it, ``sample.<kind>.steps``); ``ablation_schedule`` is Figure 4
 from __future__ import annotations
 
 from pipeline.params import Float, Int, OrAuto, ParamsError, Section, less_than
+from pipeline.schemas import SDE_KINDS
 
 NOISE = Section({
     "sigma_begin": OrAuto(Float(gt=0)),
@@ -82,7 +83,7 @@ def perturbed_examples(schedule: dict, x0, generator, n_times: int = 10) -> list
         xt = x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         rows += [{"process": "ncsn", "level": i, "value": sigma, "example": j, "x": xt[j].flatten().tolist()}
                  for j in range(len(x0))]
-    for kind in ("ve", "vp", "subvp"):
+    for kind in SDE_KINDS:
         sde = make_sde(kind, schedule)
         centered = kind != "ve"
         x = 2 * x0 - 1 if centered and len(schedule["data_shape"]) == 3 else x0

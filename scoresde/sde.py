@@ -104,20 +104,18 @@ class ReverseSDE:
         self.N = forward.N
         self.T = forward.T
 
-    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        drift, diffusion = self.forward.sde(x, t)
+    def _reverse(self, f: torch.Tensor, G: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
+        # f - G^2 s(x, t) (reverse SDE, Eq. 6), or f - G^2 s / 2 with no noise (probability flow, Eq. 13)
         c = 0.5 if self.probability_flow else 1.0
-        drift = drift - bcast(diffusion**2, x) * self.score_fn(x, t) * c
-        diffusion = torch.zeros_like(diffusion) if self.probability_flow else diffusion
-        return drift, diffusion
+        rev_f = f - bcast(G**2, x) * self.score_fn(x, t) * c
+        return rev_f, (torch.zeros_like(G) if self.probability_flow else G)
+
+    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._reverse(*self.forward.sde(x, t), x, t)
 
     def discretize(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reverse of the forward discretisation (Song et al., 2021, Eq. 46-47: reverse diffusion)."""
-        f, G = self.forward.discretize(x, t)
-        c = 0.5 if self.probability_flow else 1.0
-        rev_f = f - bcast(G**2, x) * self.score_fn(x, t) * c
-        rev_G = torch.zeros_like(G) if self.probability_flow else G
-        return rev_f, rev_G
+        return self._reverse(*self.forward.discretize(x, t), x, t)
 
 
 class VESDE(SDE):

@@ -3,15 +3,21 @@
     python scripts/results_table.py [--metrics reports/metrics]
 
 Every figure comes from reports/metrics/*.json as the pipeline wrote it; metric names keep their
-extractor and sample count (e.g. fid_digits_cnn_n256), so the table says how each FID was made.
+extractor and sample count (e.g. fid_digits_cnn_n256), so the table says how each FID was made. The names
+are composed from each file's ``extractors`` and ``n`` fields (pipeline.quality), never parsed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.quality import headline, quality_keys, real_keys  # noqa: E402
+from pipeline.schemas import MODEL_KINDS  # noqa: E402
 
 
 def _load(d: Path, name: str) -> dict:
@@ -22,18 +28,19 @@ def _load(d: Path, name: str) -> dict:
 
 
 def _fid(m: dict) -> tuple[str, float]:
-    """The (name, value) of the FID in a metrics dict (the first extractor's)."""
-    for k, v in m.items():
-        if re.fullmatch(r"fid_.+_n\d+", k):
-            return k, v
-    raise KeyError("no fid_* metric")
+    """The (name, value) of the headline FID of a metrics dict (the first extractor's)."""
+    found = headline(m)
+    if found is None:
+        raise KeyError(f"no headline score in {sorted(m)}")
+    return found
 
 
 def tables(d: Path) -> str:
     out = []
     clf = _load(d, "classifier")
     ref = _load(d, "fid_ref")
-    floor = next(((k, v) for k, v in ref.items() if k.startswith("fid_") and "_real_" in k), None)
+    key = real_keys(ref["extractors"][0], ref["real_split"], ref["n_real"])["fid"] if ref.get("real_split") else None
+    floor = (key, ref[key]) if key in ref else None
     out.append(f"Feature extractor of FID/KID: `{clf['extractor']}` (a CNN trained by the `classifier` stage; held-out "
                f"accuracy {clf['accuracy']:.3f} on {clf['n_test']} images)."
                + (f" The floor: real held-out images against the reference give `{floor[0]}` = {floor[1]:.2f}." if floor
@@ -41,10 +48,10 @@ def tables(d: Path) -> str:
 
     rows = ["| model | sampler | NFE | sampling s | FID | KID | train steps | train s |", "|---|---|---|---|---|---|---|---|"]
     fid_name = None
-    for kind in ("ncsn", "ve", "vp", "subvp"):
+    for kind in MODEL_KINDS:
         e, t = _load(d, f"evaluate_{kind}"), _load(d, f"train_{kind}")
         fid_name, fid = _fid(e)
-        kid = e[fid_name.replace("fid_", "kid_", 1)]
+        kid = e[quality_keys(e["extractors"][0], e["n"])["kid"]]
         rows.append(f"| {kind} | {e['sampler']} | {e['nfe']} | {e['seconds']:.1f} | {fid:.2f} | {kid:.3f} "
                     f"| {t['steps']} | {t['seconds']:.0f} |")
     out.append(f"**Per SDE** (`{fid_name}`; EMA weights):\n\n" + "\n".join(rows) + "\n")
@@ -74,7 +81,7 @@ def tables(d: Path) -> str:
     rows = ["| sampler | NFE | s per 1000 images | FID |", "|---|---|---|---|"]
     order = ["pc", "reverse_diffusion", "ode", "heun", "annealed_langevin"]
     for method, m in sorted(per.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
-        if not isinstance(m, dict):
+        if not isinstance(m, dict) or "skipped" in m:
             continue
         name, fid = _fid(m)
         per_k = m["seconds_per_1000"] if "seconds_per_1000" in m else 1000 * m["seconds"] / m["n"]

@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         path = screenshot(args.html, args.out, (width, height))
+        print(f"{path} ({path.stat().st_size // 1024} KiB)")
+        return 0
     except (RuntimeError, FileNotFoundError, subprocess.TimeoutExpired) as err:
         print(f"screenshot failed: {err}", file=sys.stderr)
         return 1
-    print(f"{path} ({path.stat().st_size // 1024} KiB)")
-    return 0
 
 
 if __name__ == "__main__":

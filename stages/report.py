@@ -1,10 +1,11 @@
 """Stage `report`: reports/report.md + self-contained reports/report.html from the MLflow runs.
 
-The report is built from the tracking store, not from the files (see :mod:`pipeline.report`): it
-shows the current reproduction (this process's run group) beside up to ``report.max_groups``
-earlier reproductions of the same experiment. The metrics files listed as deps in dvc.yaml only make
-DVC re-run the report when a result changes. Any set of runs can be reported later with
-``python -m pipeline.report --experiment NAME --runs GROUP ...``.
+The report reads the runs of `experiment` back from the tracking store (pipeline.report): each stage
+run's metrics JSON artifact (the structured numbers the stage wrote) and its tags, the model kinds and
+σ_end values from the params file, the claims from pipeline.claims. It shows the current reproduction
+(this process's run group) beside up to `report.max_groups` earlier ones. The metrics files listed as
+deps in dvc.yaml make DVC re-run the report when a result changes. Any set of runs can be reported later
+with `python -m pipeline.report --experiment NAME --runs GROUP ...`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def run(params: dict, run, args) -> None:
 
     group = run_group()
     md, page = generate(params["experiment"], None, OUT_DIR, f"{OUT_DIR}/figures", params["report"]["max_groups"],
-                        primary=group)
+                        primary=group, params=args.params)  # model kinds and sigma_end values from the params file
     size_kb = page.stat().st_size / 1024
     print(f"[report] {md}, {page} ({size_kb:.0f} KiB, self-contained) for run group {group}", flush=True)
     run.log_metrics({"report_kib": size_kb})

@@ -8,7 +8,6 @@ so these tests do not depend on the real, torch-based pipeline.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +26,8 @@ OFFLINE = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PREFECT_
 for _k, _v in OFFLINE.items():
     os.environ.setdefault(_k, _v)
 
+from _bench import load_benchmark  # noqa: E402  (tests/_bench.py)
+
 from pipeline.dvcgraph import load_pipeline, parse_dot_edges  # noqa: E402
 from pipeline.flow import PipelineFailed, reproduce  # noqa: E402
 from pipeline.orchestration import OrchestrationConfig  # noqa: E402
@@ -34,14 +35,7 @@ from pipeline.params import ParamsError  # noqa: E402
 from pipeline.runner import StageFailed, split_command  # noqa: E402
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("orchestration_bench", ROOT / "benchmarks" / "orchestration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("orchestration")
 dvc = bench.dvc
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:dvc.*")  # DVC's own pygtrie usage
 

@@ -34,17 +34,12 @@ OFFLINE = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PREFECT_
 for _k, _v in OFFLINE.items():
     os.environ.setdefault(_k, _v)
 
+from _bench import load_benchmark  # noqa: E402  (tests/_bench.py)
+
 pytestmark = pytest.mark.slow
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("orchestration_bench", ROOT / "benchmarks" / "orchestration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("orchestration")
 
 
 def free_port() -> int:
