@@ -3,7 +3,8 @@
 - :func:`load_trained` rebuilds a model written by ``train@<kind>`` (weights-only loading, EMA weights
   by default);
 - :func:`build_sampler` turns a ``sample.<kind>``-shaped config into a ``scoresde.sampling.Sampler``
-  (the library's one sampler interface) and :func:`score_function` gives it the score function it takes;
+  (the library's one sampler interface; :func:`resolve_step_lr` turns ``step_lr: auto`` into NCSNv2's ε)
+  and :func:`score_function` gives it the score function it takes;
 - :func:`generate` draws ``n`` samples in batches, optionally resumable batch by batch;
 - :func:`save_samples` writes them (uint8 .npz for images, float32 for points) and a PNG grid.
 """
@@ -35,6 +36,16 @@ def load_trained(path, device, use_ema: bool = True):
     return model.to(device).eval(), info
 
 
+def resolve_step_lr(cfg: dict, schedule: dict) -> float:
+    """``cfg["step_lr"]``, or for ``auto`` NCSNv2 technique 4's ε for the schedule's σ's and
+    ``cfg["n_steps_each"]`` (scoresde.tuning.ncsnv2_step_lr, in this project's ε convention)."""
+    if cfg["step_lr"] != "auto":
+        return float(cfg["step_lr"])
+    from scoresde.tuning import ncsnv2_step_lr
+
+    return ncsnv2_step_lr(schedule["sigmas"], cfg["n_steps_each"])
+
+
 def build_sampler(kind: str, cfg: dict, schedule: dict, device):
     """The sampler named by ``cfg["sampler"]`` with the settings of ``cfg`` it takes (σ's from the schedule,
     or the SDE of ``kind`` discretised in ``cfg["steps"]`` steps)."""
@@ -44,6 +55,8 @@ def build_sampler(kind: str, cfg: dict, schedule: dict, device):
 
     accepted = sampler_settings(cfg["sampler"])
     settings = {k: cfg[k] for k in accepted if k in cfg and k not in ("sde", "sigmas")}
+    if "step_lr" in settings:
+        settings["step_lr"] = resolve_step_lr(cfg, schedule)
     if "sigmas" in accepted:
         settings["sigmas"] = torch.tensor(schedule["sigmas"], dtype=torch.float32, device=device)
     if "sde" in accepted:

@@ -1,7 +1,8 @@
 """The noise schedule: params ``noise`` -> data/noise/schedule.json -> the objects training and sampling use.
 
 ``build_schedule`` resolves NCSN's geometric σ_1 > … > σ_L (σ_begin = the largest pairwise data distance
-when ``auto``, NCSNv2 technique 1) and the VE / VP / subVP SDE parameters against the data;
+when ``auto``, NCSNv2 technique 1; L = ``num_levels`` from technique 2's ratio γ for the data dimension
+when ``auto``, scoresde.tuning) and the VE / VP / subVP SDE parameters against the data;
 ``make_sde`` turns the JSON back into an SDE (the number of discretisation steps N belongs to the sampler
 that discretises it, ``sample.<kind>.steps``); ``ablation_schedule`` is Figure 4's variant with another σ_L.
 """
@@ -13,7 +14,7 @@ from pipeline.schemas import SDE_KINDS
 NOISE = Section({
     "sigma_begin": OrAuto(Float(gt=0)),
     "sigma_end": Float(gt=0),
-    "num_levels": Int(ge=2, le=100_000),
+    "num_levels": OrAuto(Int(ge=2, le=100_000)),  # auto = NCSNv2 technique 2 (scoresde.tuning)
     "n_examples": Int(ge=1, le=64),
     "ve": Section({"sigma_min": Float(gt=0), "sigma_max": OrAuto(Float(gt=0))},
                   checks=[less_than("sigma_min", "sigma_max")]),
@@ -34,18 +35,41 @@ def build_schedule(p: dict, x) -> dict:
     if not p["ve"]["sigma_min"] < sigma_max:
         raise ParamsError("noise.ve.sigma_min", f"expected sigma_min < sigma_max = {sigma_max:.4g} (auto = sigma_begin), "
                           f"got {p['ve']['sigma_min']}")
-    sigmas = geometric_sigmas(sigma_begin, p["sigma_end"], p["num_levels"])
+    levels, extra = p["num_levels"], {}
+    if levels == "auto":
+        levels, extra = _ncsnv2_levels(x, sigma_begin, p["sigma_end"])
+    sigmas = geometric_sigmas(sigma_begin, p["sigma_end"], levels)
     return {
         "sigma_begin": sigma_begin,
         "sigma_begin_source": "data" if p["sigma_begin"] == "auto" else "params",
         "sigma_end": p["sigma_end"],
-        "num_levels": p["num_levels"],
+        "num_levels": levels,
+        "num_levels_source": "ncsnv2" if p["num_levels"] == "auto" else "params",
+        **extra,
         "sigmas": [float(s) for s in sigmas],
         "ve": {"sigma_min": p["ve"]["sigma_min"], "sigma_max": float(sigma_max)},
         "vp": dict(p["vp"]),
         "subvp": dict(p["subvp"]),
         "data_shape": list(x.shape[1:]),
     }
+
+
+def _ncsnv2_levels(x, sigma_begin: float, sigma_end: float) -> tuple[int, dict]:
+    """``num_levels: auto``: L from NCSNv2 technique 2 for D = the product of the data shape."""
+    import math
+
+    from scoresde.tuning import ncsnv2_gamma, ncsnv2_num_levels
+
+    dim = math.prod(int(d) for d in x.shape[1:])
+    try:
+        levels = ncsnv2_num_levels(dim, sigma_begin, sigma_end)
+    except ValueError as e:
+        raise ParamsError("noise.num_levels",
+                          f"'auto' (NCSNv2 technique 2) failed for data dimension {dim}: {e}") from None
+    if levels > 100_000:
+        raise ParamsError("noise.num_levels", f"'auto' gives L = {levels} levels (data dimension {dim}, "
+                          f"sigma_begin {sigma_begin:.4g}, sigma_end {sigma_end}); expected at most 100000")
+    return levels, {"ncsnv2_gamma": ncsnv2_gamma(dim)}
 
 
 def make_sde(kind: str, schedule: dict, N: int | None = None):

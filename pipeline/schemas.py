@@ -86,7 +86,7 @@ def sample_section(kind: str) -> Section:
         "denoise": Bool(True),
         # annealed / fixed-σ Langevin
         "n_steps_each": Int(100, ge=1, le=100_000),
-        "step_lr": Float(4e-5, gt=0, le=10),
+        "step_lr": OrAuto(Float(gt=0, le=10), default=4e-5),  # auto = NCSNv2 technique 4 (pipeline.generation)
         "sigma": Optional(Float(gt=0)),  # fixed-σ Langevin: the σ used (default σ_L)
         # predictor-corrector: N discretisation steps of the reverse SDE
         "steps": Int(1000, ge=1, le=100_000),

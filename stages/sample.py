@@ -21,7 +21,7 @@ SCHEMA = {**COMMON, "sample": Section({"device": DEVICE, **{k: sample_section(k)
 
 
 def run(params: dict, run, args) -> None:
-    from pipeline.generation import generate, load_trained, save_samples
+    from pipeline.generation import generate, load_trained, resolve_step_lr, save_samples
     from pipeline.io import file_md5, fingerprint
     from scoresde.distributed import resolve_device
 
@@ -45,6 +45,8 @@ def run(params: dict, run, args) -> None:
     metrics = {"nfe": nfe, "seconds": seconds, "n": cfg["n"], "sampler": cfg["sampler"],
                "checkpoint": "ema" if cfg["use_ema"] else "raw", "seconds_per_sample": seconds / cfg["n"],
                "resumed_batches": resumed}
+    if cfg["sampler"] in ("annealed_langevin", "langevin"):  # the ε used (NCSNv2 technique 4 when auto)
+        metrics["step_lr"] = resolve_step_lr(cfg, schedule)
     write_json(f"reports/metrics/sample_{kind}.json", metrics)
     run.log_metrics({"nfe": nfe, "seconds": seconds, "seconds_per_sample": seconds / cfg["n"]})
     run.set_tags({"sampler": cfg["sampler"], "checkpoint": metrics["checkpoint"]})
