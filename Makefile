@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 
-.PHONY: install repro test test-slow test-all flow benchmarks benchmarks-gpu report clean-outputs
+.PHONY: install repro test test-slow test-all flow sweep benchmarks benchmarks-gpu report clean-outputs
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ test-all: test test-slow
 # The same stages as a Prefect flow (independent stages in parallel; dvc.lock kept in sync).
 flow: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pipeline.flow
+
+# Hyperparameter sweep (Optuna + DVC + MLflow): `make sweep NAME=annealed_langevin` runs sweeps/$(NAME).yaml,
+# each trial in its own workspace under sweeps/.work/ (this checkout's dvc.lock stays as it is).
+NAME ?= quick
+sweep: install
+	$(BIN)/python -m pipeline.sweep sweeps/$(NAME).yaml
 
 benchmarks: install
 	$(BIN)/python benchmarks/samplers.py

@@ -18,6 +18,11 @@ RANK, LOCAL_RANK, WORLD_SIZE = "RANK", "LOCAL_RANK", "WORLD_SIZE"
 MLFLOW_HTTP_REQUEST_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 MLFLOW_HTTP_REQUEST_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
+# ---- hyperparameter sweeps (pipeline.sweep)
+SWEEP_STORAGE = "SCORESDE_SWEEP_STORAGE"  # Optuna storage URL of the sweeps (default: sweeps/<name>.db beside
+                                          # the MLflow SQLite store, else in sweeps/)
+SWEEP_TRIAL = "SCORESDE_SWEEP_TRIAL"      # set by the sweep driver for each trial's `dvc repro`: "<sweep>/<number>"
+
 # ---- set by the Prefect flow for each stage command (like `dvc repro`), read by the stages
 DVC_ROOT = "DVC_ROOT"                    # root of the DVC repository (kept if already set)
 DVC_STAGE = "DVC_STAGE"                  # addressing of the stage being run ("train@ve"); tag dvc_stage

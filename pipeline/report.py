@@ -10,6 +10,8 @@ structured dicts it builds (:mod:`pipeline.report_sections`):
 - the classifier's accuracy and the real-vs-real floor (classifier, fid_ref);
 - the article's claims (:mod:`pipeline.claims`), Figure 1 (toy), Figures 2/3 (annealing), Figure 4
   (ablation) and the samplers' cost;
+- the hyperparameter sweeps ("Tuning": best trial against the params.yaml defaults, from the
+  ``reports/sweeps/<NAME>.json`` and ``.png`` that :mod:`pipeline.sweep` writes);
 - a comparison of the chosen reproduction with earlier ones of the same experiment;
 - figures: the PNG artifacts of the runs (``figures/*.png``; the files under reports/figures/ the runs
   did not log) and plots drawn with matplotlib, embedded as base64 data URIs (:mod:`pipeline.report_render`).
@@ -38,17 +40,19 @@ from pipeline.report_data import (Group, MetricsFiles, ReportError, Run, fetch_r
 from pipeline.report_render import (CARRIED, NOT_RUN, Section, render_html, render_markdown)  # noqa: E402
 from pipeline.report_sections import (section_ablation, section_annealing, section_claims,  # noqa: E402
                                       section_comparison, section_models, section_overview, section_reference,
-                                      section_samplers, section_toy)
+                                      section_samplers, section_toy, section_tuning)
 from scoresde.atomic import atomic_write_text  # noqa: E402
 
 LOCAL_METRICS = "reports/metrics"   # the current checkout's metrics files (fallback for runs without the artifact)
+SWEEPS = "reports/sweeps"           # results of pipeline.sweep (the "Tuning" section)
 
 __all__ = ["CARRIED", "NOT_RUN", "ReportError", "build_sections", "generate", "main"]
 
 
 def build_sections(experiment: str, runs: list[Run], groups: dict[str, Group], chosen: list[str], params: dict,
                    figures_dir: str | Path | None = "reports/figures",
-                   local_metrics: str | Path | None = None) -> list[Section]:
+                   local_metrics: str | Path | None = None, sweeps_dir: str | Path | None = SWEEPS,
+                   report_dir: str | Path = "reports") -> list[Section]:
     """The report's sections for ``chosen[0]``, compared with ``chosen[1:]``.
 
     ``local_metrics``: folder of metrics files standing in for runs of ``chosen[0]``'s state that logged
@@ -72,6 +76,7 @@ def build_sections(experiment: str, runs: list[Run], groups: dict[str, Group], c
         section_annealing(snap),
         section_ablation(snap, sigmas),
         section_samplers(snap),
+        section_tuning(sweeps_dir, params, report_dir),
         section_comparison(snaps, groups, kinds),
         figures,
     ]
@@ -96,13 +101,15 @@ def choose_groups(groups: dict[str, Group], runs: list[str] | None, primary: str
 def generate(experiment: str, runs: list[str] | None = None, out: str | Path = "reports",
              figures_dir: str | Path | None = "reports/figures", max_groups: int = 5,
              primary: str | None = None, params: str | Path | dict = PARAMS_FILE,
-             local_metrics: str | Path | None = LOCAL_METRICS) -> tuple[Path, Path]:
+             local_metrics: str | Path | None = LOCAL_METRICS,
+             sweeps_dir: str | Path | None = SWEEPS) -> tuple[Path, Path]:
     """Write ``<out>/report.md`` and ``<out>/report.html``; returns their paths.
 
     ``runs``: run groups to show (the first is the report's own; default: ``primary`` or the newest
     group, then up to ``max_groups`` earlier ones). ``params``: the params file (or its parsed dict)
     the model kinds and σ_end values are read from. ``local_metrics`` is used for the report's own
-    group only when that group is the newest one (the current checkout).
+    group only when that group is the newest one (the current checkout). ``sweeps_dir``: the sweep
+    results of the "Tuning" section.
     """
     params = params if isinstance(params, dict) else read_params(params)
     all_runs, groups = fetch_runs(experiment)
@@ -115,7 +122,7 @@ def generate(experiment: str, runs: list[str] | None = None, out: str | Path = "
     if chosen:
         current = chosen[0] == ordered_groups(groups)[0]
         sections = build_sections(experiment, all_runs, groups, chosen, params, figures_dir,
-                                  local_metrics if current else None)
+                                  local_metrics if current else None, sweeps_dir, out)
     else:
         sections = [Section("Reproduction", [f"No runs in experiment {experiment!r} yet ({NOT_RUN})."])]
     out = Path(out)

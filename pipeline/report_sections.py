@@ -9,6 +9,9 @@ reproduction carry ``*``.
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from pipeline import claims as claims_mod
@@ -327,3 +330,54 @@ def section_comparison(snaps: list[Snapshot], groups: dict[str, Group], kinds: l
         sec.text.append("No earlier reproduction in this experiment.")
     return sec
 
+
+# ------------------------------------------------------------------ tuning
+def _dotted(params: dict, key: str) -> Any:
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def section_tuning(sweeps_dir: str | Path | None, params: dict, report_dir: str | Path = "reports") -> Section:
+    """Hyperparameter sweeps (``reports/sweeps/<NAME>.json`` of :mod:`pipeline.sweep`): best trial vs defaults."""
+    sec = Section("Tuning (hyperparameter sweeps)")
+    files = sorted(Path(sweeps_dir).glob("*.json")) if sweeps_dir and Path(sweeps_dir).is_dir() else []
+    if not files:
+        sec.text.append(f"No sweep results in {sweeps_dir} ({NOT_RUN}): `python -m pipeline.sweep sweeps/NAME.yaml` "
+                        "runs one (see README, \"Sweeps\").")
+        return sec
+    sec.text.append("Each sweep varies params.yaml keys with Optuna and reproduces the objective's stage per trial in "
+                    "its own workspace (upstream stages reused). \"default\" is the value in params.yaml and the base "
+                    "run's objective (params.yaml + the sweep's base_params); \"best\" is the best COMPLETE trial.")
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+            objective, keys = data["objective"], list(data["params"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            sec.text.append(f"{path.name}: unreadable ({err}).")
+            continue
+        best, base = data.get("best"), (data.get("baseline") or {}).get("objective")
+        head = f"best (trial {best['number']})" if best else "best"
+        rows = []
+        for key in keys:
+            default = _dotted(params, key)
+            default = (data.get("defaults") or {}).get(key) if default is None else default
+            rows.append([key + (" (log range)" if key in data.get("log_params", []) else ""), fmt(default),
+                         fmt(best["params"].get(key)) if best else NOT_RUN])
+        rows.append([f"{objective['stage']}: {objective['key']} ({objective['direction']})",
+                     fmt(_num(base)), fmt(_num(best["objective"])) if best else NOT_RUN])
+        trials = data.get("trials") or []
+        rows.append(["trials complete / run / requested", "",
+                     f"{data.get('complete', 0)} / {len(trials)} / {data.get('trials_requested', '?')}"])
+        sec.tables.append(Table(["sweep " + str(data.get("sweep", path.stem)), "default", head], rows,
+                                f"{data.get('sweep', path.stem)}: {data.get('method', '?')} search"
+                                + (f" ({data['description']})" if data.get("description") else "")))
+        png = path.with_suffix(".png")
+        if png.is_file():
+            sec.figures.append(Figure(f"Sweep {data.get('sweep', path.stem)}: {objective['key']} against each varied "
+                                      "parameter (star: best trial; dashed: defaults)", png.read_bytes(),
+                                      os.path.relpath(png, report_dir)))
+    return sec
