@@ -13,7 +13,7 @@ what was produced from what:
   the flow, ``dvc status`` is clean and ``dvc repro`` is a no-op.
 * Only the DVC bookkeeping (status, commit, pull, push) is serialised, by a thread lock plus a file
   lock in ``.dvc/tmp``; the stage commands themselves run concurrently on a
-  :class:`~prefect.task_runners.ThreadPoolTaskRunner` (``max_workers``, default: the CPU count).
+  :class:`~prefect.task_runners.ThreadPoolTaskRunner` (``max_workers``, default: the CPU count divided by params' ``cpu_threads``).
   A stage is submitted as soon as all of its upstream stages have finished, so a long branch never
   holds back an independent one.
 * Prefect's result cache is off (``cache_policy=NONE``): DVC is the cache. Like ``dvc repro``, a
@@ -135,7 +135,7 @@ def reproduce(
     Args:
         repo: a path inside the DVC repository (a deployment runs in its checkout: ".").
         targets: stages to bring up to date, with their upstream (default: all stages).
-        max_workers: stage commands running at once (default: ``prefect.max_workers``, else CPU count).
+        max_workers: stage commands running at once (default: ``prefect.max_workers``, else CPU count // cpu_threads).
         dvc_remote: DVC remote to pull dependencies from and push outputs to (several hosts).
         force: run every selected stage even if DVC reports it up to date (``dvc repro -f``).
         run_cache: restore stages from DVC's run cache when their exact inputs were run before.
@@ -169,7 +169,10 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
                 split_command(cmd)
             except StageFailed as err:
                 raise StageFailed(f"stage {spec.name!r}: {err}") from None
-    workers = int(max_workers or config["max_workers"] or os.cpu_count() or 1)
+    # Default: as many stages at once as the cores hold at params' cpu_threads each (the thread count is a
+    # stage input: the flow must not change it, or its numbers would differ from `dvc repro`'s).
+    threads = params.get("cpu_threads", 1) if isinstance(params.get("cpu_threads", 1), int) else 1
+    workers = int(max_workers or config["max_workers"] or max(1, (os.cpu_count() or 1) // threads))
     flow_run_id, flow_run_name = _prefect_run_info()
     group = run_group or os.environ.get(RUN_GROUP) or f"prefect-{flow_run_name or 'local'}-{flow_run_id[:8] or os.getpid()}"
     logger.info("DVC pipeline at %s: %d stages (%s), %d workers%s", root, len(pipeline), ", ".join(pipeline.order),
