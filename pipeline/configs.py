@@ -196,17 +196,21 @@ def set_args(overlay: dict) -> list[str]:
     return [f"{k}={format_value(v)}" for k, v in flatten(overlay).items()]
 
 
-def parse_set_args(args: list[str]) -> dict:
-    """Inverse of :func:`set_args` (how ``dvc exp run -S`` reads them: YAML values at dotted paths)."""
+def nest(flat: dict[str, Any]) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: the inverse of :func:`pipeline.params.flatten`."""
     out: dict = {}
-    for arg in args:
-        key, _, text = arg.partition("=")
+    for key, value in flat.items():
         node = out
         parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(text)
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = copy.deepcopy(value)
     return out
+
+
+def parse_set_args(args: list[str]) -> dict:
+    """Inverse of :func:`set_args` (how ``dvc exp run -S`` reads them: YAML values at dotted paths)."""
+    return nest({key: yaml.safe_load(text) for key, _, text in (arg.partition("=") for arg in args)})
 
 
 def dvc_command(overlay: dict, name: str | None = None) -> str:

@@ -26,7 +26,6 @@ checkout's (``fid_digits_cnn_n64``).
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 import os
@@ -37,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.configs import deep_merge
+from pipeline.configs import deep_merge, nest
 from pipeline.params import ParamsError, check_all, flatten, read_params
 
 METHODS = ("grid", "random", "tpe")
@@ -136,18 +135,6 @@ class SweepSpec:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def nest(flat: dict[str, Any]) -> dict:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = copy.deepcopy(value)
-    return out
-
-
 def lookup(data: dict, key: str) -> Any:
     """The value at a dotted key; KeyError if absent."""
     node: Any = data
