@@ -48,29 +48,39 @@ def stage_main(stage: str, schema: dict[str, Spec], body: Callable[..., None], *
         except ParamsError as err:
             print(f"[{name}] invalid parameters: {err}", file=sys.stderr)
             return 2
-        if params.get("cpu_threads", "auto") != "auto":
-            import torch
+        if params.get("cpu_threads", "auto") == "auto":
+            return _run(name, params, body, args)
+        import torch
 
-            torch.set_num_threads(params["cpu_threads"])
-        from pipeline.tracking import NullRun, TrackingUnavailable, configure, stage_run
-
+        before = torch.get_num_threads()
+        torch.set_num_threads(params["cpu_threads"])
         try:
-            if not is_rank_zero():  # under torchrun only rank 0 tracks and writes outputs
-                body(params, NullRun(), args)
-                return 0
-            if tracking_disabled():  # a machine without MLflow (e.g. a bare GPU node): outputs only
-                print(f"[{name}] {TRACKING_OFF}={os.environ[TRACKING_OFF]}: not logging to MLflow", file=sys.stderr)
-                body(params, NullRun(), args)
-                return 0
-            configure(params.get("tracking"))
-            with stage_run(name, params, sde=getattr(args, "sde", None)) as run:
-                body(params, run, args)
-        except TrackingUnavailable as err:
-            print(f"[{name}] {err}", file=sys.stderr)
-            return 1
-        except ParamsError as err:  # relations only checkable against the data (e.g. σ_end < auto σ_begin)
-            print(f"[{name}] invalid parameters: {err}", file=sys.stderr)
-            return 2
-        return 0
+            return _run(name, params, body, args)
+        finally:  # a stage called in-process (tests, notebooks) leaves the caller's thread count as it was
+            torch.set_num_threads(before)
 
     return main
+
+
+def _run(name: str, params: dict, body: Callable[..., None], args: argparse.Namespace) -> int:
+    """Tracking check, then the body; exit status 1 (tracking) or 2 (params found invalid against the data)."""
+    from pipeline.tracking import NullRun, TrackingUnavailable, configure, stage_run
+
+    try:
+        if not is_rank_zero():  # under torchrun only rank 0 tracks and writes outputs
+            body(params, NullRun(), args)
+            return 0
+        if tracking_disabled():  # a machine without MLflow (e.g. a bare GPU node): outputs only
+            print(f"[{name}] {TRACKING_OFF}={os.environ[TRACKING_OFF]}: not logging to MLflow", file=sys.stderr)
+            body(params, NullRun(), args)
+            return 0
+        configure(params.get("tracking"))
+        with stage_run(name, params, sde=getattr(args, "sde", None)) as run:
+            body(params, run, args)
+    except TrackingUnavailable as err:
+        print(f"[{name}] {err}", file=sys.stderr)
+        return 1
+    except ParamsError as err:  # relations only checkable against the data (e.g. σ_end < auto σ_begin)
+        print(f"[{name}] invalid parameters: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -55,8 +55,11 @@ def test_classifier_stage_on_real_digits(tmp_path, monkeypatch):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     from stages import classifier, prepare
 
+    threads = torch.get_num_threads()
     assert prepare.main([]) == 0
     assert classifier.main([]) == 0
+    # the stages ran with params' cpu_threads and gave the caller its own thread count back
+    assert torch.get_num_threads() == threads
     metrics = json.loads((tmp_path / "reports/metrics/classifier.json").read_text())
     assert metrics["dataset"] == "digits" and metrics["extractor"] == "digits_cnn"
     assert metrics["accuracy"] >= 0.95, metrics
