@@ -53,6 +53,7 @@ benchmarks: install
 	$(BIN)/python benchmarks/samplers.py
 	$(BIN)/python benchmarks/repro.py
 	$(BIN)/python benchmarks/orchestration.py
+	$(BIN)/python benchmarks/time_bounds.py
 
 # On a GPU machine (torch present; no DVC/MLflow needed): throughput, sampling cost, short MNIST run (< 6 min).
 benchmarks-gpu:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pipeline.io import read_json
 from pipeline.params import Float, Int, List, Section
-from pipeline.quality import headline, quality_keys
+from pipeline.quality import headline, headline_std, quality_keys
 from pipeline.schemas import DEVICE, sample_section, train_section
 
 PLOT = "reports/plots/ablation.csv"
@@ -44,16 +44,18 @@ def figure_path(value: str) -> str:
     return f"reports/figures/ablation_sigma_end_{value}.png"
 
 
-SUMMARY_COLUMNS = ["sigma_end", "fid", "kid", "metric", "nfe", "seconds"]
+SUMMARY_COLUMNS = ["sigma_end", "fid", "fid_std", "kid", "metric", "nfe", "seconds"]
 
 
 def summary_rows(sigma_ends: list[float]) -> list[dict]:
-    """One row per σ_end from its metrics file: sigma_end, fid (the headline score), kid, metric name, nfe, seconds."""
+    """One row per σ_end from its metrics file: sigma_end, fid (the headline score), its bootstrap std, kid,
+    metric name, nfe, seconds."""
     rows = []
     for v in sigma_ends:
         m = read_json(metrics_path(value_name(v)))
         key, value = headline(m) or ("", None)
         kid = quality_keys(m["extractors"][0], m["n"]).get("kid") if m.get("extractors") else None
-        rows.append({"sigma_end": float(v), "fid": value, "kid": m.get(kid) if kid else None, "metric": key,
+        rows.append({"sigma_end": float(v), "fid": value, "fid_std": headline_std(m),
+                     "kid": m.get(kid) if kid else None, "metric": key,
                      "nfe": m.get("nfe"), "seconds": m.get("seconds")})
     return rows

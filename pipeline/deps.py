@@ -15,7 +15,6 @@ Left out on purpose: the stage harness and the logging it does (``pipeline.stage
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 PACKAGES = ("scoresde", "pipeline", "stages")
@@ -164,12 +163,17 @@ def write(root: str | Path = ".") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--write" in args:
-        args.remove("--write")
-        write(args[0] if args else ".")
-    root = args[0] if args else "."
-    problems = check(root)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.deps", description=(
+        "Check that every stage of dvc.yaml lists, as deps, the repository modules its command imports "
+        "(transitively, derived from the code's AST); --write rewrites those code deps in dvc.yaml."))
+    ap.add_argument("root", nargs="?", default=".", help="the repository root (default: .)")
+    ap.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps instead of checking them")
+    args = ap.parse_args(argv)
+    if args.write:
+        write(args.root)
+    problems = check(args.root)
     for name, p in problems.items():
         print(f"{name}: missing {p['missing']} superfluous {p['superfluous']}")
     if not problems:

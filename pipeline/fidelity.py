@@ -60,7 +60,8 @@ def feature_layer(extractor: str) -> str:
 
 def metric_names(extractor: str, n: int) -> dict[str, str]:
     tag = metric_tag(extractor)
-    return {"fid": f"fid_{tag}_n{n}", "kid": f"kid_{tag}_n{n}", "kid_std": f"kid_std_{tag}_n{n}"}
+    return {"fid": f"fid_{tag}_n{n}", "fid_std": f"fid_{tag}_n{n}_std", "kid": f"kid_{tag}_n{n}",
+            "kid_std": f"kid_std_{tag}_n{n}"}
 
 
 # ------------------------------------------------------------------ datasets
@@ -315,10 +316,12 @@ def _seed_cache(cache_root: Path, ref: Reference, extractor: str) -> None:
 def compute_fid_kid(samples_uint8: torch.Tensor | np.ndarray, reference: Reference, extractor: str, n: int | None = None,
                     *, cuda: bool = False, batch_size: int = 256, kid_subsets: int = 100,
                     kid_subset_size: int = 1000, seed: int = 0, weights_path: str | None = None,
-                    verbose: bool = False) -> dict[str, float]:
+                    verbose: bool = False, fid_bootstrap_n: int = 0) -> dict[str, float]:
     """FID and KID of the first ``n`` samples against ``reference``, via ``torch_fidelity.calculate_metrics``.
 
-    Returns ``{fid_<tag>_n<n>, kid_<tag>_n<n>, kid_std_<tag>_n<n>}``. ``kid_subset_size`` is capped at
+    Returns ``{fid_<tag>_n<n>, kid_<tag>_n<n>, kid_std_<tag>_n<n>}``, and with ``fid_bootstrap_n`` > 0 also
+    ``fid_<tag>_n<n>_std``: the standard deviation of :func:`fid_bootstrap` over that many resamples of the
+    samples' features (extracted once more, the way torch-fidelity does). ``kid_subset_size`` is capped at
     ``min(n, reference.n)`` (torch-fidelity refuses larger subsets).
     """
     if reference.extractor != extractor:
@@ -338,9 +341,32 @@ def compute_fid_kid(samples_uint8: torch.Tensor | np.ndarray, reference: Referen
             rng_seed=int(seed), batch_size=int(batch_size), save_cpu_ram=True,
             **_fe_kwargs(cuda, weights_path, verbose))
     names = metric_names(extractor, n)
-    return {names["fid"]: float(out[torch_fidelity.KEY_METRIC_FID]),
-            names["kid"]: float(out[torch_fidelity.KEY_METRIC_KID_MEAN]),
-            names["kid_std"]: float(out[torch_fidelity.KEY_METRIC_KID_STD])}
+    result = {names["fid"]: float(out[torch_fidelity.KEY_METRIC_FID]),
+              names["kid"]: float(out[torch_fidelity.KEY_METRIC_KID_MEAN]),
+              names["kid_std"]: float(out[torch_fidelity.KEY_METRIC_KID_STD])}
+    if fid_bootstrap_n > 0:
+        feats = extract_features(samples[:n], extractor, cuda=cuda, batch_size=batch_size, weights_path=weights_path)
+        result[names["fid_std"]] = float(np.std(fid_bootstrap(feats, reference, fid_bootstrap_n, seed), ddof=1))
+    return result
+
+
+def fid_bootstrap(sample_features: np.ndarray, reference: Reference, n_boot: int, seed: int) -> np.ndarray:
+    """FID of ``n_boot`` bootstrap resamples of the generated samples' features against the fixed reference.
+
+    Each replicate draws n of the n sample feature vectors with replacement (numpy Generator seeded
+    ``seed``), fits their Gaussian (mean, covariance) and takes the Fréchet distance to the reference
+    statistics. Their standard deviation is the sampling uncertainty of the FID *from the finite generated
+    set*; the reference's own finite size is shared by every model scored against it and left out.
+    """
+    from scoresde.metrics import feature_statistics, frechet_distance
+
+    f = np.asarray(sample_features, dtype=np.float64)
+    rng = np.random.default_rng(int(seed))
+    out = np.empty(int(n_boot))
+    for b in range(int(n_boot)):
+        mu, sigma = feature_statistics(f[rng.integers(0, len(f), len(f))])
+        out[b] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    return out
 
 
 def log(message: str, stage: str = "evaluate") -> None:

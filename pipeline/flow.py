@@ -19,13 +19,26 @@ what was produced from what:
 * Prefect's result cache is off (``cache_policy=NONE``): DVC is the cache. Like ``dvc repro``, a
   stage whose exact inputs were run before is restored from DVC's run cache instead of re-run
   (``run_cache=False`` disables that).
-* Retries with backoff and per-stage overrides come from the ``prefect:`` section of ``params.yaml``
-  (see :data:`pipeline.orchestration.CONFIG_SCHEMA`); a failed stage fails the flow with the last lines of its output.
+* Retries with backoff (``prefect.tasks.exponential_backoff`` for a number, or a list of delays) and
+  per-stage overrides come from the ``prefect:`` section of ``params.yaml`` (see
+  :data:`pipeline.orchestration.CONFIG_SCHEMA`); a failed stage fails the flow with the last lines of
+  its output. A deterministic failure -- exit status 2, invalid parameters -- is not retried
+  (:func:`pipeline.runner.should_retry` is the task's ``retry_condition_fn``).
+* Progress bars reach the log at most once per ~10 s per stage (:mod:`pipeline.flow_output`).
+* At its end, success or failure, a flow run publishes Prefect artifacts (:mod:`pipeline.flow_artifacts`):
+  ``scoresde-stages`` (table: stage, action, attempts, seconds), ``scoresde-report`` (the Markdown
+  report) and ``scoresde-mlflow-run`` (link to the MLflow parent run, or its coordinates for a
+  local store).
 * Stages matching ``prefect.gpu_stages`` (default ``train*``, ``sample*``) carry the Prefect tag
   ``gpu``, so ``prefect concurrency-limit create gpu 1`` lets each GPU run one of them at a time.
-* One MLflow parent run per flow run (:func:`pipeline.tracking.start_parent_run`); its id reaches
+* One MLflow parent run per flow run (:func:`pipeline.flow_tracking.start_parent_run`); its id reaches
   every stage as ``SCORESDE_PARENT_RUN_ID`` (and the group as ``SCORESDE_RUN_GROUP``) so the
   stages' runs nest under it.
+* Worker loss: a flow run whose process dies (SIGKILL) leaves its parent run RUNNING; the next flow
+  run marks it KILLED (its process is gone, or Prefect put its flow run in a final state), and an
+  ``on_crashed``/``on_cancellation`` hook does the same where Prefect can still run it. The re-run
+  itself is plain DVC: finished stages are up to date and skipped, and an interrupted training
+  stage resumes from its last checkpoint.
 * Several hosts: with ``dvc_remote`` each task pulls its missing deps from that DVC remote (and, like
   ``dvc repro --pull``, restores a stage another host already ran from the remote's run cache) and
   pushes its outputs and run-cache entry after the commit. The alternative is a shared filesystem:
@@ -51,16 +64,18 @@ import queue  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
+from pipeline import flow_artifacts, flow_tracking  # noqa: E402
 from pipeline.dvcgraph import Pipeline, find_root, load_pipeline, working_directory  # noqa: E402
 from pipeline.orchestration import OrchestrationConfig  # noqa: E402
 from pipeline.params import ParamsError  # noqa: E402
-from pipeline.runner import StageContext, StageFailed, dvc_stage, split_command  # noqa: E402
+from pipeline.runner import StageContext, StageFailed, dvc_stage, split_command, stage_stats  # noqa: E402
 
 
 class PipelineFailed(RuntimeError):
@@ -77,37 +92,6 @@ def _prefect_run_info() -> tuple[str, str]:
         return "", ""
 
 
-def _absolute_sqlite(uri: str, root: str) -> str:
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str((Path(root) / uri[len(prefix):]).resolve())
-    return uri
-
-
-def _start_tracking(root: str, params: dict, group: str, tags: dict, logger: Any) -> tuple[str, str]:
-    """Configure MLflow like the stages do and open the parent run; returns (run id, tracking URI)."""
-    from pipeline import tracking
-
-    settings = dict(params.get("tracking") or {})
-    uri = _absolute_sqlite(tracking.resolve_uri(settings), root)
-    old = os.environ.get(MLFLOW_TRACKING_URI)
-    os.environ[MLFLOW_TRACKING_URI] = uri  # configure() lets the environment win; restored below
-    try:
-        uri = _absolute_sqlite(tracking.configure({**settings, "uri": uri}), root)
-    finally:
-        if old is None:
-            os.environ.pop(MLFLOW_TRACKING_URI, None)
-        else:
-            os.environ[MLFLOW_TRACKING_URI] = old
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    experiment = str(params.get("experiment") or "scoresde")
-    run_id = tracking.start_parent_run(experiment, group, {"git_commit": tracking.git_commit(root), **tags})
-    logger.info("MLflow parent run %s (experiment %r, group %r, %s)", run_id, experiment, group, uri)
-    return run_id, uri
-
-
 def _read_params(path: Path) -> dict:
     if not path.exists():
         return {}
@@ -117,7 +101,8 @@ def _read_params(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-@flow(name="reproduce", log_prints=True, validate_parameters=True)
+@flow(name="reproduce", log_prints=True, validate_parameters=True,
+      on_crashed=[flow_tracking.close_parent_on_crash], on_cancellation=[flow_tracking.close_parent_on_crash])
 def reproduce(
     repo: str = ".",
     targets: list[str] | None = None,
@@ -185,9 +170,10 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
     # give each its share, unless the user pinned the thread count.
     if OMP_NUM_THREADS not in os.environ and workers > 1:
         env[OMP_NUM_THREADS] = str(max(1, (os.cpu_count() or 1) // workers))
-    parent_id = None
+    parent_id = uri = None
+    experiment = str(params.get("experiment") or "scoresde")
     if track:
-        parent_id, uri = _start_tracking(root, params, group, {
+        parent_id, uri = flow_tracking.start_parent_run(root, params, group, {
             "orchestrator": "prefect", "prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
             "targets": ",".join(targets or ["all"]), "host": socket.gethostname(), "dvc_remote": dvc_remote or "",
         }, logger)
@@ -195,8 +181,11 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
         env[MLFLOW_TRACKING_URI] = os.environ.get(MLFLOW_TRACKING_URI) or uri
     ctx = StageContext(root=root, env=env, dvc_remote=dvc_remote, run_cache=run_cache, force=force,
                        log_tail_lines=config["log_tail_lines"], lock_timeout_s=config["lock_timeout_s"],
-                       gpu_slots=config["gpu_slots"])
+                       gpu_slots=config["gpu_slots"], run_key=uuid.uuid4().hex,
+                       progress_interval_s=config["progress_interval_s"])
     status = "FAILED"
+    results: dict[str, str] = {}
+    failures: dict[str, BaseException] = {}
     try:
         stages_started = time.perf_counter()
         results, failures = _execute(pipeline, config, ctx, workers, keep_going, logger)
@@ -212,8 +201,11 @@ def _reproduce(root: str, targets: list[str] | None, max_workers: int | None, dv
             with contextlib.suppress(Exception):
                 tracking.end_parent_run(parent_id, status)
             with contextlib.suppress(Exception):
-                tracking.sync_lock_tags(str(params.get("experiment") or "scoresde"), group,
-                                        Path(root) / "dvc.lock")
+                tracking.sync_lock_tags(experiment, group, Path(root) / "dvc.lock")
+        flow_artifacts.publish(root=root, pipeline=pipeline, results=results, failures=failures,
+                               stats=stage_stats(ctx.run_key, pop=True), report_rel=config["report_markdown"],
+                               status=status, parent_run_id=parent_id, tracking_uri=uri, experiment=experiment,
+                               logger=logger)
     summary = ", ".join(f"{name}: {action}" for name, action in results.items())
     logger.info("pipeline finished in %.2f s (stages %.2f s): %s", time.perf_counter() - started, stages_s, summary)
     if failures:
@@ -240,9 +232,9 @@ def _execute(pipeline: Pipeline, config: OrchestrationConfig, ctx: StageContext,
             spec = pipeline.stages[name]
             policy = config.policy(name)
             tags = ["gpu"] if policy.gpu else []
-            stage_task = dvc_stage.with_options(
+            stage_task = dvc_stage.with_options(  # retry_condition_fn (runner.should_retry) is the task's own
                 name=name, task_run_name=name, tags=tags, retries=policy.retries,
-                retry_delay_seconds=list(policy.retry_delay_seconds), retry_jitter_factor=policy.retry_jitter_factor)
+                retry_delay_seconds=policy.prefect_delays(), retry_jitter_factor=policy.retry_jitter_factor)
             upstream = [futures[u] for u in spec.upstream if u in futures]
             future = runner.submit(stage_task, parameters={"spec": spec, "ctx": ctx, "timeout_s": policy.timeout_s,
                                                            "gpu": policy.gpu},

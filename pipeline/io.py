@@ -1,5 +1,6 @@
 """Files of the pipeline: JSON / CSV / figures written atomically (through :mod:`scoresde.atomic`, the one
-atomic-write helper), JSON read with a message that names the stage to run, and a wall-clock timer."""
+atomic-write helper; a write that runs out of space raises its ``DiskFullError``, an ``OSError`` whose
+message names the path), JSON read with a message that names the stage to run, and a wall-clock timer."""
 from __future__ import annotations
 
 import csv
@@ -9,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from scoresde.atomic import atomic_path, atomic_write_text
+from scoresde.atomic import DiskFullError, atomic_path, atomic_write_text
 
-__all__ = ["atomic_path", "write_json", "read_json", "write_csv", "save_figure", "Timer", "fingerprint", "file_md5"]
+__all__ = ["DiskFullError", "atomic_path", "write_json", "read_json", "write_csv", "save_figure", "Timer", "fingerprint", "file_md5"]
 
 
 def fingerprint(*parts) -> str:

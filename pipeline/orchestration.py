@@ -1,8 +1,12 @@
 """The ``prefect:`` section of params.yaml: how the Prefect flow (:mod:`pipeline.flow`) runs the stages.
 
 Every key is optional (:data:`CONFIG_SCHEMA`): worker count, retries with backoff, per-attempt time
-limit, which stages carry the Prefect tag ``gpu``, and per-stage overrides keyed by stage name or
-fnmatch pattern (``train@*``). :meth:`OrchestrationConfig.policy` merges them into one
+limit, which stages carry the Prefect tag ``gpu``, the Markdown report published as a Prefect
+artifact, and per-stage overrides keyed by stage name or fnmatch pattern (``train@*``).
+``retry_delay_seconds`` is either one number, the factor of Prefect's
+``exponential_backoff(backoff_factor=...)`` (b, 2b, 4b, ...), or an explicit list of delays.
+Deterministic failures (exit status 2, invalid parameters) are never retried, whatever ``retries``
+says (:func:`pipeline.runner.should_retry`). :meth:`OrchestrationConfig.policy` merges them into one
 :class:`StagePolicy` per stage (patterns in file order, the exact stage name last: the most specific
 wins). No stage lists this section in its DVC ``params``, so editing it never invalidates a stage.
 """
@@ -67,13 +71,15 @@ STAGE_OVERRIDES = Section({
 CONFIG_SCHEMA = Section({
     "max_workers": Optional(Int(ge=1)),            # null = number of CPU cores
     "retries": Int(2, ge=0, le=50),                # per stage, after the first attempt
-    "retry_delay_seconds": Delays([2.0, 10.0]),     # list, or a number b for b, 2b, 4b, ...
+    "retry_delay_seconds": Delays(2.0),             # a number b: exponential backoff b, 2b, 4b, ...; or a list
     "retry_jitter_factor": Optional(Float(ge=0)),
     "timeout_s": Optional(Float(gt=0)),            # wall-time limit of one attempt of a stage
     "gpu_stages": List(Str(), default=["train*", "sample*"]),  # fnmatch patterns -> Prefect tag "gpu"
     "gpu_slots": Optional(Int(ge=1)),              # also cap concurrent gpu stages inside one flow run
     "log_tail_lines": Int(40, ge=1, le=10000),     # lines of a failed stage's output in the error
     "lock_timeout_s": Float(120.0, gt=0),          # waiting for a DVC lock held by another process
+    "progress_interval_s": Float(10.0, ge=0),      # at most one progress-bar log record per stage per this
+    "report_markdown": Str("reports/report.md"),   # published as the flow's `scoresde-report` artifact
     "stages": Patterns(STAGE_OVERRIDES),           # per stage name / pattern overrides
 })
 
@@ -81,10 +87,19 @@ CONFIG_SCHEMA = Section({
 @dataclasses.dataclass(frozen=True)
 class StagePolicy:
     retries: int
-    retry_delay_seconds: tuple[float, ...]
+    retry_delay_seconds: tuple[float, ...]   # the delays that will apply (backoff expanded)
     retry_jitter_factor: float | None
     timeout_s: float | None
     gpu: bool
+    backoff_factor: float | None = None      # set when the delays are an exponential backoff
+
+    def prefect_delays(self) -> Any:
+        """``retry_delay_seconds`` for the Prefect task: ``exponential_backoff(backoff_factor=b)`` or the list."""
+        if self.backoff_factor is not None:
+            from prefect.tasks import exponential_backoff
+
+            return exponential_backoff(backoff_factor=self.backoff_factor)
+        return list(self.retry_delay_seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +131,10 @@ class OrchestrationConfig:
             matching.append(overrides[stage])
         for entry in matching:
             merged.update({k: v for k, v in entry.items() if v is not None})
-        delays = merged["retry_delay_seconds"]
-        if not isinstance(delays, list):  # exponential backoff from a base delay
-            delays = [delays * 2 ** i for i in range(max(merged["retries"], 1))]
+        delays, factor = merged["retry_delay_seconds"], None
+        if not isinstance(delays, list):  # exponential backoff from a base delay (what Prefect's helper gives)
+            factor = float(delays)
+            delays = [factor * 2 ** i for i in range(max(merged["retries"], 1))]
         return StagePolicy(retries=int(merged["retries"]), retry_delay_seconds=tuple(delays),
                            retry_jitter_factor=merged["retry_jitter_factor"], timeout_s=merged["timeout_s"],
-                           gpu=bool(merged["gpu"]))
+                           gpu=bool(merged["gpu"]), backoff_factor=factor)

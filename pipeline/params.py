@@ -1,20 +1,25 @@
-"""params.yaml loading and validation.
+"""params.yaml loading and validation: ``python -m pipeline.params [FILE]`` checks a params file for every stage.
 
 Every stage declares a schema for the sections of ``params.yaml`` it reads and calls
 :func:`load_stage_params` before doing any work. Validation checks types, ranges, choices and
 relations between fields (σ_end < σ_begin, weights summing to 1, ...), rejects unknown keys with the
 closest valid name, and raises :class:`ParamsError` naming the field path (``train.ve.lr``) and what
 was expected. Stage entry points turn that error into a one-line message and exit status 2, so a bad
-params file never produces a traceback from deep inside torch, nor half-written outputs.
+params file never produces a traceback from deep inside torch, nor half-written outputs. A malformed
+file (binary, not UTF-8, duplicated keys, YAML syntax, tabs, empty, not a mapping, over 1 MiB) is refused
+the same way, naming the file (:mod:`pipeline.params_read`).
 
 The schema language is deliberately tiny (a handful of spec classes) so that a stage's schema reads
-like documentation of its params section.
+like documentation of its params section. Each spec tree is compiled into pydantic v2 models
+(:mod:`pipeline.params_model`), which do the validation and give the JSON Schema of the whole file:
+``python -m pipeline.params --schema`` writes ``params.schema.json`` (editors read it through the
+``# yaml-language-server: $schema=params.schema.json`` first line of params.yaml).
 """
 from __future__ import annotations
 
+import argparse
 import difflib
-import math
-import re
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,24 +28,34 @@ from typing import Any, Callable
 import yaml
 
 PARAMS_FILE = "params.yaml"
+SCHEMA_FILE = "params.schema.json"
 
 
 class ParamsError(ValueError):
-    """A params value is missing, of the wrong type, out of range or unknown."""
+    """A params value is missing, of the wrong type, out of range or unknown; or the file is unreadable."""
 
     def __init__(self, path: str, message: str):
         self.path = path
+        self.message = message
         super().__init__(f"params.yaml: {path}: {message}")
 
 
 # --------------------------------------------------------------------------- specs
 class Spec:
-    """Base class: ``validate(value, path)`` returns the checked value or raises ParamsError."""
+    """Base class: ``validate(value, path)`` returns the checked value or raises ParamsError.
+
+    The spec classes below are validated by the pydantic types they compile to (:mod:`pipeline.params_model`).
+    A subclass defined elsewhere may override ``validate`` (it is then called from inside the pydantic
+    model) and may define ``json_schema()`` for its part of the JSON Schema.
+    """
 
     default: Any = ...  # `...` = required
+    doc: str = ""       # a sentence for the JSON Schema's description
 
-    def validate(self, value: Any, path: str) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def validate(self, value: Any, path: str) -> Any:
+        from pipeline.params_model import validate
+
+        return validate(self, value, path)
 
     def describe(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -52,7 +67,7 @@ def _type_name(value: Any) -> str:
 
 @dataclass
 class Number(Spec):
-    """A real number with optional bounds (``gt``/``ge``/``lt``/``le``)."""
+    """A real number with optional bounds (``gt``/``ge``/``lt``/``le``); ``integer``: an int. Never a bool, NaN, inf."""
 
     default: Any = ...
     gt: float | None = None
@@ -60,6 +75,7 @@ class Number(Spec):
     lt: float | None = None
     le: float | None = None
     integer: bool = False
+    doc: str = ""
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a number"
@@ -70,41 +86,22 @@ class Number(Spec):
         bounds = [b for b in bounds if b]
         return kind + (" " + " and ".join(bounds) if bounds else "")
 
-    def validate(self, value: Any, path: str) -> Any:
-        # bool is an int subclass in Python; `lr: true` is a mistake, not 1.
-        ok_types = (int,) if self.integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, ok_types):
-            raise ParamsError(path, f"expected {self.describe()}, got {value!r} ({_type_name(value)})")
-        if not self.integer:
-            value = float(value)
-            if not math.isfinite(value):
-                raise ParamsError(path, f"expected a finite number, got {value!r}")
-        for bound, op, ok in ((self.gt, ">", lambda v, b: v > b), (self.ge, ">=", lambda v, b: v >= b),
-                              (self.lt, "<", lambda v, b: v < b), (self.le, "<=", lambda v, b: v <= b)):
-            if bound is not None and not ok(value, bound):
-                raise ParamsError(path, f"expected {self.describe()}, got {value!r}")
-        return value
+
+def Int(default: Any = ..., doc: str = "", **bounds) -> Number:
+    return Number(default=default, integer=True, doc=doc, **bounds)
 
 
-def Int(default: Any = ..., **bounds) -> Number:
-    return Number(default=default, integer=True, **bounds)
-
-
-def Float(default: Any = ..., **bounds) -> Number:
-    return Number(default=default, **bounds)
+def Float(default: Any = ..., doc: str = "", **bounds) -> Number:
+    return Number(default=default, doc=doc, **bounds)
 
 
 @dataclass
 class Bool(Spec):
     default: Any = ...
+    doc: str = ""
 
     def describe(self) -> str:
         return "true or false"
-
-    def validate(self, value: Any, path: str) -> Any:
-        if not isinstance(value, bool):
-            raise ParamsError(path, f"expected true or false, got {value!r} ({_type_name(value)})")
-        return value
 
 
 @dataclass
@@ -113,22 +110,12 @@ class Str(Spec):
     choices: tuple[str, ...] | None = None
     pattern: str | None = None  # a full-match regular expression, described by `hint`
     hint: str = ""
+    doc: str = ""
 
     def describe(self) -> str:
         if self.choices:
             return f"one of {list(self.choices)}"
         return self.hint or (f"a string matching {self.pattern}" if self.pattern else "a string")
-
-    def validate(self, value: Any, path: str) -> Any:
-        if not isinstance(value, str):
-            raise ParamsError(path, f"expected {self.describe()}, got {value!r} ({_type_name(value)})")
-        if self.pattern and not re.fullmatch(self.pattern, value):
-            raise ParamsError(path, f"expected {self.describe()}, got {value!r}")
-        if self.choices and value not in self.choices:
-            close = difflib.get_close_matches(value, self.choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ParamsError(path, f"expected one of {list(self.choices)}, got {value!r}{hint}")
-        return value
 
 
 @dataclass
@@ -137,17 +124,10 @@ class OrAuto(Spec):
 
     spec: Spec = None
     default: Any = ...
+    doc: str = ""
 
     def describe(self) -> str:
         return f"'auto' or {self.spec.describe()}"
-
-    def validate(self, value: Any, path: str) -> Any:
-        if value == "auto":
-            return value
-        try:
-            return self.spec.validate(value, path)
-        except ParamsError:
-            raise ParamsError(path, f"expected {self.describe()}, got {value!r}") from None
 
 
 @dataclass
@@ -156,12 +136,10 @@ class Optional(Spec):
 
     spec: Spec = None
     default: Any = None
+    doc: str = ""
 
     def describe(self) -> str:
         return f"null or {self.spec.describe()}"
-
-    def validate(self, value: Any, path: str) -> Any:
-        return None if value is None else self.spec.validate(value, path)
 
 
 @dataclass
@@ -170,17 +148,10 @@ class List(Spec):
     default: Any = ...
     min_len: int = 0
     max_len: int | None = None
+    doc: str = ""
 
     def describe(self) -> str:
         return f"a list of {self.item.describe()}"
-
-    def validate(self, value: Any, path: str) -> Any:
-        if not isinstance(value, list):
-            raise ParamsError(path, f"expected {self.describe()}, got {value!r} ({_type_name(value)})")
-        if len(value) < self.min_len or (self.max_len is not None and len(value) > self.max_len):
-            want = f"{self.min_len}..{self.max_len}" if self.max_len is not None else f">= {self.min_len}"
-            raise ParamsError(path, f"expected a list of length {want}, got {len(value)} items")
-        return [self.item.validate(v, f"{path}[{i}]") for i, v in enumerate(value)]
 
 
 Check = Callable[[dict], "tuple[str, str] | None"]  # returns (relative field, message) on failure
@@ -190,41 +161,17 @@ Check = Callable[[dict], "tuple[str, str] | None"]  # returns (relative field, m
 class Section(Spec):
     """A mapping with known keys. Unknown keys are rejected with the closest valid name.
 
-    ``checks`` express relations between fields; each returns ``None`` or ``(field, message)``.
+    ``checks`` express relations between fields; each returns ``None`` or ``(field, message)`` and runs on
+    the validated section (a pydantic after-model-validator).
     """
 
     fields: dict[str, Spec] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     default: Any = ...
+    doc: str = ""
 
     def describe(self) -> str:
         return "a mapping with keys " + ", ".join(self.fields)
-
-    def validate(self, value: Any, path: str) -> dict:
-        if value is None and all(s.default is not ... for s in self.fields.values()):
-            value = {}
-        if not isinstance(value, dict):
-            raise ParamsError(path, f"expected a mapping, got {value!r} ({_type_name(value)})")
-        for key in value:
-            if key not in self.fields:
-                close = difflib.get_close_matches(str(key), list(self.fields), n=1, cutoff=0.5)
-                hint = f"; did you mean {_join(path, close[0])!r}?" if close else ""
-                raise ParamsError(_join(path, key), f"unknown key{hint} (valid keys: {', '.join(self.fields)})")
-        out = {}
-        for key, spec in self.fields.items():
-            sub = _join(path, key)
-            if key in value:
-                out[key] = spec.validate(value[key], sub)
-            elif spec.default is ...:
-                raise ParamsError(sub, f"missing (expected {spec.describe()})")
-            else:
-                out[key] = spec.validate(spec.default, sub) if isinstance(spec, Section) else spec.default
-        for check in self.checks:
-            failure = check(out)
-            if failure:
-                rel, message = failure
-                raise ParamsError(_join(path, rel), message)
-        return out
 
 
 def _join(path: str, key: Any) -> str:
@@ -251,21 +198,22 @@ def less_than(small: str, big: str) -> Check:
 
 
 TRACKING = Section({
-    "uri": Str("sqlite:///mlflow.db"),
-    "timeout_s": Float(10.0, gt=0, le=600),
-    "offline_fallback": Bool(False),
-})
+    "uri": Str("sqlite:///mlflow.db", doc="MLflow tracking URI (MLFLOW_TRACKING_URI overrides it)."),
+    "timeout_s": Float(10.0, gt=0, le=600, doc="Seconds to wait for the tracking server before failing."),
+    "offline_fallback": Bool(False, doc="Log to a local store when the server is unreachable, instead of failing."),
+}, doc="Where the stages log their runs (MLflow); no stage's outputs depend on it.")
 
 DEVICE = Str(pattern=r"auto|cpu|cuda(:\d+)?", hint="'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 COMMON = {
-    "experiment": Str(),
-    "seed": Int(ge=0),
+    "experiment": Str(doc="MLflow experiment of the stage runs (and of the report)."),
+    "seed": Int(ge=0, doc="Seed of every random number generator of the stages."),
     "tracking": TRACKING,
     # torch's CPU threads in every stage. Fixed, because float reductions split over another number of
     # threads round differently: torch's default (the physical cores) would make the numbers depend on the
     # machine. "auto" = torch's default (faster on many cores, machine-dependent results).
-    "cpu_threads": OrAuto(Int(ge=1, le=1024), default=1),
+    "cpu_threads": OrAuto(Int(ge=1, le=1024), default=1,
+                          doc="torch CPU threads of every stage (fixed for machine-independent numbers)."),
 }
 
 
@@ -284,21 +232,24 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def read_params(params_file: str | Path = PARAMS_FILE) -> dict:
-    path = Path(params_file)
-    if not path.exists():
-        raise ParamsError("<file>", f"{path} not found (run from the repository root)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError("<file>", f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ParamsError("<file>", f"{path} must hold a mapping at the top level")
-    return data
+    """The top-level mapping of a params file; a malformed file is a ParamsError naming it (pipeline.params_read)."""
+    from pipeline.params_read import read_yaml_mapping
+
+    return read_yaml_mapping(params_file)
+
+
+_TOP_SECTIONS: dict[tuple, Section] = {}  # one compiled top-level Section per stage schema
 
 
 def validate(schema: dict[str, Spec], params: dict) -> dict:
     """Validate the top-level keys named in ``schema`` (others belong to other stages)."""
-    return Section(schema).validate({k: params[k] for k in schema if k in params}, "")
+    key = tuple((k, id(v)) for k, v in schema.items())
+    top = _TOP_SECTIONS.get(key)
+    if top is None:
+        if len(_TOP_SECTIONS) > 256:
+            _TOP_SECTIONS.clear()
+        top = _TOP_SECTIONS[key] = Section(dict(schema))  # it references the specs: their ids stay theirs
+    return top.validate({k: params[k] for k in schema if k in params}, "")
 
 
 def load_stage_params(schema: dict[str, Spec], params_file: str | Path = PARAMS_FILE) -> dict:
@@ -334,8 +285,20 @@ def all_schemas(dvc_file: str | Path = "dvc.yaml") -> dict[str, dict[str, Spec]]
     return {mod: importlib.import_module(mod).SCHEMA for mod in stage_modules(dvc_file)}
 
 
+FLOW_SECTION = "prefect"  # read by pipeline.flow (pipeline.orchestration.CONFIG_SCHEMA), by no stage
+
+
+def _flow_schema() -> Spec:
+    """The ``prefect:`` section's schema. Imported by name, like the stage modules of :func:`all_schemas`: it is
+    read by the flow only, so the flow's code is no dep of any stage (pipeline.deps follows static imports)."""
+    import importlib
+
+    return importlib.import_module("pipeline.orchestration").CONFIG_SCHEMA
+
+
 def check_all(params_file: str | Path = PARAMS_FILE, dvc_file: str | Path = "dvc.yaml") -> list[str]:
-    """Validate params.yaml against every stage's schema; returns the error messages (empty = valid)."""
+    """Validate params.yaml against every stage's schema and the flow's ``prefect:`` section; returns the
+    error messages (empty = valid)."""
     errors = []
     try:
         params = read_params(params_file)
@@ -347,16 +310,91 @@ def check_all(params_file: str | Path = PARAMS_FILE, dvc_file: str | Path = "dvc
             validate(schema, params)
         except ParamsError as err:
             errors.append(f"{mod}: {err}")
+    if FLOW_SECTION in params:
+        try:
+            _flow_schema().validate(params[FLOW_SECTION], FLOW_SECTION)
+        except ParamsError as err:
+            errors.append(f"pipeline.flow: {err}")
     # A top-level section no stage reads is a typo (`trian:`) or a leftover: say which.
-    known = {key for schema in schemas.values() for key in schema} | {"prefect"}  # prefect: read by pipeline.flow
-    for key in sorted(set(params) - known):
+    known = {key for schema in schemas.values() for key in schema} | {FLOW_SECTION}
+    for key in sorted(set(params) - known, key=str):
         close = difflib.get_close_matches(str(key), sorted(known), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {sorted(known)}"
         errors.append(f"{params_file}: {key}: unknown top-level section{hint}")
     return errors
 
 
+# -------------------------------------------------------------------- JSON Schema
+def schema_document(dvc_file: str | Path = "dvc.yaml") -> dict:
+    """JSON Schema of the whole params.yaml: every stage's sections (first declaration wins; the same spec
+    objects are shared) and the flow's ``prefect:``, with descriptions naming who reads each section."""
+    from pipeline.params_model import json_schema
+
+    sections: dict[str, Spec] = {}
+    readers: dict[str, list[str]] = {}
+    for mod, schema in all_schemas(dvc_file).items():
+        for key, spec in schema.items():
+            if sections.setdefault(key, spec) is not spec and sections[key] != spec:
+                raise ValueError(f"{mod} declares the section {key!r} differently from {readers[key][0]}: one params "
+                                 f"file cannot follow both (declare it once, import it in both)")
+            readers.setdefault(key, []).append(mod)
+    flow = _flow_schema()
+    sections[FLOW_SECTION] = Section(flow.fields, flow.checks, default=None, doc=flow.doc)
+    n_stages = len(all_schemas(dvc_file))
+    docs = {key: ("Read by every stage." if len(mods) == n_stages else f"Read by {', '.join(mods)}.")
+            for key, mods in readers.items()}
+    docs[FLOW_SECTION] = ("How the Prefect flow (python -m pipeline.flow) runs the stages; read by pipeline.flow "
+                          "only, so editing it never invalidates a stage. Every key is optional.")
+    return json_schema(sections, docs, title="params.yaml",
+                       description="Parameters of the scoresde reproduction, grouped by stage. Generated by "
+                                   "`python -m pipeline.params --schema` from the stages' schemas: do not edit.")
+
+
+def schema_text(dvc_file: str | Path = "dvc.yaml") -> str:
+    return json.dumps(schema_document(dvc_file), indent=2, ensure_ascii=False) + "\n"
+
+
+def write_schema(out: str | Path = SCHEMA_FILE, dvc_file: str | Path = "dvc.yaml") -> Path:
+    from scoresde.atomic import atomic_write_text
+
+    atomic_write_text(out, schema_text(dvc_file))
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.params",
+        description="Check a params file against the schema of every stage in dvc.yaml and of the Prefect flow's "
+                    "`prefect:` section, or write that schema as JSON Schema. Prints one line per problem "
+                    "(the field path, what was expected) and exits with status 2 when there is one, 0 when valid.")
+    parser.add_argument("params_file", nargs="?", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    parser.add_argument("--dvc", default="dvc.yaml", help="dvc.yaml naming the stage modules (default: dvc.yaml)")
+    parser.add_argument("--schema", nargs="?", const=SCHEMA_FILE, default=None, metavar="OUT",
+                        help=f"write the JSON Schema of params.yaml to OUT (default: {SCHEMA_FILE}) and exit")
+    parser.add_argument("--check-schema", nargs="?", const=SCHEMA_FILE, default=None, metavar="FILE",
+                        help=f"exit 1 if FILE (default: {SCHEMA_FILE}) differs from the schema the code gives")
+    args = parser.parse_args(argv)
+    if args.schema:
+        print(f"{write_schema(args.schema, args.dvc)} written")
+        return 0
+    if args.check_schema:
+        current = Path(args.check_schema).read_text() if Path(args.check_schema).is_file() else None
+        if current != schema_text(args.dvc):
+            print(f"{args.check_schema} is out of date: run python -m pipeline.params --schema", file=sys.stderr)
+            return 1
+        print(f"{args.check_schema} is up to date")
+        return 0
+    problems = check_all(args.params_file, args.dvc)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    print(f"{args.params_file} is valid for every stage")
+    return 0
+
+
 if __name__ == "__main__":
-    problems = check_all(sys.argv[1] if len(sys.argv) > 1 else PARAMS_FILE)
-    print("\n".join(problems) or "params.yaml is valid for every stage")
-    raise SystemExit(2 if problems else 0)
+    # Run as pipeline.params, not __main__: the stages' specs are instances of pipeline.params's classes.
+    from pipeline.params import main as _main
+
+    raise SystemExit(_main())

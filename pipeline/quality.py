@@ -5,7 +5,9 @@ One function, :func:`sample_quality`, serves every stage that scores samples (``
 
 - images (uint8 ``(N, C, H, W)`` or floats in [0, 1]): FID and KID through torch-fidelity
   (:func:`pipeline.fidelity.compute_fid_kid`) for every extractor of the reference, named
-  ``fid_<extractor>_n<N>``, ``kid_<extractor>_n<N>``, ``kid_std_<extractor>_n<N>``;
+  ``fid_<extractor>_n<N>``, ``kid_<extractor>_n<N>``, ``kid_std_<extractor>_n<N>``, and the FID's uncertainty
+  ``fid_<extractor>_n<N>_std`` (std of the FID over :data:`FID_BOOTSTRAP` bootstrap resamples of the
+  generated samples; :func:`pipeline.fidelity.fid_bootstrap`);
 - 2-D points (the toy data): ``sliced_wasserstein_n<N>`` and ``mode_weight_error_n<N>``.
 
 The returned dict also carries ``extractors`` (metric tags, the first is the headline one) and ``n``.
@@ -19,13 +21,29 @@ from typing import Any
 REFERENCE = "data/fid/ref_stats.npz"
 CLASSIFIER = "models/classifier.pt"
 POINTS = "points"  # the "extractor" of toy data: distances between point sets, no features
+FID_BOOTSTRAP = 200  # resamples behind every fid_..._std (200 puts the std's own relative error near 5 %)
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def significant(a: float, a_std: float, b: float, b_std: float) -> bool:
+    """Whether two independent scores differ at the 95 % level: the normal approximation of the bootstrap
+    interval of the difference, |a − b| > 1.96 · sqrt(std_a² + std_b²), excludes 0."""
+    return abs(a - b) > Z95 * (a_std ** 2 + b_std ** 2) ** 0.5
+
+
+def compare(a: float, a_std: float, b: float, b_std: float, digits: int = 3) -> str:
+    """``Δ = −1.23 ± 0.45 (95 %: significant)`` or ``... not distinguishable`` for report text."""
+    d, s = a - b, (a_std ** 2 + b_std ** 2) ** 0.5
+    verdict = "significant" if significant(a, a_std, b, b_std) else "not distinguishable"
+    return f"Δ = {d:+.{digits}g} ± {Z95 * s:.{digits}g} (95 %): {verdict}"
 
 
 def quality_keys(extractor: str, n: int) -> dict[str, str]:
     """Metric names of one extractor at sample size ``n``; the first entry is the headline score."""
     if extractor == POINTS:
         return {"sliced_wasserstein": f"sliced_wasserstein_n{n}", "mode_weight_error": f"mode_weight_error_n{n}"}
-    return {"fid": f"fid_{extractor}_n{n}", "kid": f"kid_{extractor}_n{n}", "kid_std": f"kid_std_{extractor}_n{n}"}
+    return {"fid": f"fid_{extractor}_n{n}", "fid_std": f"fid_{extractor}_n{n}_std", "kid": f"kid_{extractor}_n{n}",
+            "kid_std": f"kid_std_{extractor}_n{n}"}
 
 
 def real_keys(extractor: str, split: str, n: int) -> dict[str, str]:
@@ -42,10 +60,18 @@ def headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
     return (key, metrics[key]) if key in metrics else None
 
 
+def headline_std(metrics: dict[str, Any]) -> float | None:
+    """The uncertainty (``fid_..._std``) of the headline score, when the dict has one."""
+    if not metrics.get("extractors") or "n" not in metrics:
+        return None
+    value = metrics.get(quality_keys(metrics["extractors"][0], int(metrics["n"])).get("fid_std", ""))
+    return None if value is None else float(value)
+
+
 def describe(metrics: dict[str, Any]) -> str:
-    """``fid_digits_cnn_n200 = 13.1`` for figure titles and logs."""
-    h = headline(metrics)
-    return f"{h[0]} = {h[1]:.3g}" if h else ""
+    """``fid_digits_cnn_n200 = 13.1 ± 0.6`` for figure titles and logs."""
+    h, s = headline(metrics), headline_std(metrics)
+    return (f"{h[0]} = {h[1]:.3g}" + (f" ± {s:.2g}" if s is not None else "")) if h else ""
 
 
 def evaluate_points(x, extra: dict, n: int, projections: int, seed: int) -> dict[str, float]:
@@ -66,7 +92,8 @@ def evaluate_points(x, extra: dict, n: int, projections: int, seed: int) -> dict
 
 def sample_quality(x, seed: int, device, n: int | None = None, *, batch_size: int = 256, kid_subsets: int = 100,
                    kid_subset_size: int = 1000, sw_projections: int = 128, reference: str = REFERENCE,
-                   classifier: str = CLASSIFIER, on_extractors=None) -> dict[str, Any]:
+                   classifier: str = CLASSIFIER, on_extractors=None, fid_bootstrap: int = FID_BOOTSTRAP
+                   ) -> dict[str, Any]:
     """Quality of the first ``n`` samples ``x`` (all when None) against the cached reference; see the module doc.
 
     ``on_extractors(names, extra)`` is called once the reference is read (the evaluate stage logs its
@@ -97,7 +124,7 @@ def sample_quality(x, seed: int, device, n: int | None = None, *, batch_size: in
         weights = fd.prepare_extractor(name, extra, classifier, device)
         metrics.update(fd.compute_fid_kid(images, ref, name, n, cuda=device.type == "cuda", batch_size=batch_size,
                                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed,
-                                          weights_path=weights))
+                                          weights_path=weights, fid_bootstrap_n=fid_bootstrap))
     return {**metrics, "extractors": [fd.metric_tag(name) for name in refs], "n": n}
 
 
@@ -153,5 +180,5 @@ def image_references(u8, names: list[str], weights, e: dict, device, other=None,
             real = fd.compute_fid_kid(other, ref, name, len(other), kid_subsets=e["kid_subsets"],
                                       kid_subset_size=e["kid_subset_size"], seed=seed, **kw)
             keys = quality_keys(fd.metric_tag(name), len(other))
-            floor.update({real_keys(fd.metric_tag(name), other_split, len(other))[k]: real[keys[k]] for k in keys})
+            floor.update({v: real[keys[k]] for k, v in real_keys(fd.metric_tag(name), other_split, len(other)).items()})
     return references, floor

@@ -75,7 +75,7 @@ def build_sections(experiment: str, runs: list[Run], groups: dict[str, Group], c
         section_toy(snap),
         section_annealing(snap),
         section_ablation(snap, sigmas),
-        section_samplers(snap),
+        section_samplers(snap, [str(k) for k in (params.get("samplers") or {}).get("models") or []]),
         section_tuning(sweeps_dir, params, report_dir),
         section_comparison(snaps, groups, kinds),
         figures,

@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.report_render import Figure
 
 METRICS_ARTIFACTS = "metrics"
+SUPERSEDED_TAG = "scoresde.superseded_by"  # set by `python -m pipeline.tracking sync` (pipeline.tracking_sync)
 FIGURE_ARTIFACTS = "figures"
 
 
@@ -103,7 +104,9 @@ def fetch_runs(experiment: str) -> tuple[list[Run], dict[str, Group]]:
         if tags.get("scoresde.role") == "parent":
             g.versions = versions or g.versions
             continue
-        status = str(row.get("status", ""))
+        if tags.get(SUPERSEDED_TAG):  # a run the server lost mid-stage, replaced by its synced local copy
+            continue
+        status = str(row.get("status", ""))  # only FINISHED counts as done: RUNNING / KILLED / FAILED never do
         if status == "FINISHED":
             g.n_finished += 1
         elif status in ("FAILED", "KILLED"):

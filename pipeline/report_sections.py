@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import claims as claims_mod
-from pipeline.quality import quality_keys, real_keys
+from pipeline.quality import FID_BOOTSTRAP, Z95, quality_keys, real_keys, significant
 from pipeline.report_data import Group, Run, Snapshot
 from pipeline.report_render import CARRIED, NOT_RUN, Figure, Section, Table, fmt, mark, plot_ablation, plot_bars, \
     plot_cost, plot_groups, plot_losses
@@ -91,6 +91,43 @@ def quality_table(first: str, rows_in: list[tuple[str, Run | None, dict | None]]
     return Table(cols, rows)
 
 
+def scored(entry: dict | None, default: list[str]) -> tuple[str, float, float | None] | None:
+    """(metric name, value, its bootstrap std or None) of the headline score of one quality dict."""
+    h = headline(entry, default) if entry and "skipped" not in entry else None
+    if h is None:
+        return None
+    std_key = quality_keys(extractors_of(entry, default)[0], int(entry["n"])).get("fid_std")
+    return h[1], h[2], _num(entry.get(std_key)) if std_key else None
+
+
+def significance_table(entries: dict[str, dict | None], default: list[str], against: str | None = None) -> Table | None:
+    """Pairwise differences of headline scores with their 95 % intervals and a verdict.
+
+    All pairs, or each entry against ``against``. Two scores are compared only when they have the same metric
+    name (same extractor and n) and both carry a bootstrap std; the interval is ±1.96 · sqrt(std_a² + std_b²)
+    (independent sample sets; normal approximation of the bootstrap distribution of the difference).
+    """
+    found = {k: sc for k, e in entries.items() if (sc := scored(e, default))}
+    labels = list(found)
+    pairs = ([(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]] if against is None else
+             [(a, against) for a in labels if a != against and against in found])
+    rows = []
+    for a, b in pairs:
+        (na, va, sa), (nb, vb, sb) = found[a], found[b]
+        if na != nb or sa is None or sb is None:
+            rows.append([f"{a} − {b}", fmt(va - vb), "no error bars" if na == nb else "different metrics", ""])
+            continue
+        half = Z95 * (sa ** 2 + sb ** 2) ** 0.5
+        rows.append([f"{a} − {b}", fmt(va - vb), f"[{fmt(va - vb - half)}, {fmt(va - vb + half)}]",
+                     "significant" if significant(va, sa, vb, sb) else "not distinguishable"])
+    if not rows:
+        return None
+    metric = sorted({sc[0] for sc in found.values()})
+    return Table(["difference", "Δ", "95 % interval", "verdict"], rows,
+                 f"Which differences are real ({', '.join(metric)}; ± from {FID_BOOTSTRAP} bootstrap resamples of "
+                 f"the generated samples' features, reference fixed)")
+
+
 # ---------------------------------------------------------------- sections
 def section_overview(experiment: str, snap: Snapshot, group: Group | None) -> Section:
     sec = Section("Reproduction")
@@ -125,6 +162,8 @@ def section_models(snap: Snapshot, kinds: list[str], histories: dict[str, list[t
     sec.tables.append(quality_table("model", [(k, *found[k]) for k in kinds], default,
                                     [("NFE", "nfe"), ("seconds", "seconds"), ("sampler", "sampler"),
                                      ("checkpoint", "checkpoint"), ("dataset", "dataset")], group_column=True))
+    if (sig := significance_table({k: d for k, (_, d) in found.items()}, default)) is not None:
+        sec.tables.append(sig)
     train = [(k, *snap.find("train", sde=k)) for k in kinds]
     sec.tables.append(Table(["model", "training steps", "final loss", "seconds"], [
         [k] + ([mark(fmt(d.get(f)), r.carried) for f in ("steps", "final_loss", "seconds")] if r and d else
@@ -203,6 +242,8 @@ def section_annealing(snap: Snapshot) -> Section:
                                                                ("sigma", "sigma")]))
     if r is None:
         sec.text.append(f"The annealing stage has not run in this experiment ({NOT_RUN}).")
+    elif (sig := significance_table({k: (d or {}).get(k) for k in names}, default_extractors(snap))) is not None:
+        sec.tables.append(sig)
     return sec
 
 
@@ -214,6 +255,8 @@ def section_ablation(snap: Snapshot, sigmas: list[float]) -> Section:
     sec.tables.append(quality_table("sigma_end", rows_in, default_extractors(snap),
                                     [("NFE", "nfe"), ("seconds", "seconds"), ("training steps", "train_steps")]))
     default = default_extractors(snap)
+    if (sig := significance_table({fmt(s): d for s, (_, d) in sorted(found.items(), reverse=True)}, default)):
+        sec.tables.append(sig)
     scores = {s: h for s, (_, d) in found.items() if (h := headline(d, default))}
     if len(scores) >= 2:
         sec.figures.append(Figure("Headline score against sigma_end",
@@ -221,23 +264,58 @@ def section_ablation(snap: Snapshot, sigmas: list[float]) -> Section:
     return sec
 
 
-def section_samplers(snap: Snapshot) -> Section:
-    sec = Section("Samplers: quality against compute (samplers)")
-    r, d = snap.find("samplers")
-    entries = {k: v for k, v in (d or {}).items() if isinstance(v, dict)}
-    rows_in = [(k, r, v) for k, v in entries.items()] or [(NOT_RUN, None, None)]
-    sec.tables.append(quality_table("sampler", rows_in, default_extractors(snap),
-                                    [("method", "sampler"), ("NFE", "nfe"), ("seconds", "seconds"),
-                                     ("s / 1000 samples", "seconds_per_1000")]))
-    if r is None:
-        sec.text.append(f"The samplers stage has not run in this experiment ({NOT_RUN}).")
-    else:
-        sec.text.append(f"Model: {d.get('sde', '?') if d else '?'} ({d.get('checkpoint', '?') if d else '?'} weights).")
+def few_step_verdict(kind: str, entries: dict[str, dict], default: list[str], few: int = 35, many: int = 1000,
+                     within: float = 0.10) -> str | None:
+    """The best sampler with ≤ ``few`` NFE against the best with ≥ ``many``: within ``within`` of its FID, and
+    whether the gap is significant at 95 % (bootstrap std of both)."""
+    def best(ok):
+        cands = [(sc[1], k, sc[2]) for k, v in entries.items() if (sc := scored(v, default)) and ok(_num(v.get("nfe")) or 0)]
+        return min(cands) if cands else None
+
+    fast, slow = best(lambda n: 0 < n <= few), best(lambda n: n >= many)
+    if fast is None or slow is None:
+        return None
+    ratio = fast[0] / slow[0] - 1
+    gap = "no error bars" if fast[2] is None or slow[2] is None else (
+        "the gap is significant at 95 %" if significant(fast[0], fast[2], slow[0], slow[2]) else
+        "the gap is not distinguishable from noise at 95 %")
+    return (f"{kind}: best ≤ {few}-NFE sampler {fast[1]} (FID {fmt(fast[0])}) vs best ≥ {many}-NFE sampler {slow[1]} "
+            f"(FID {fmt(slow[0])}): {ratio:+.1%} — {'within' if ratio <= within else 'not within'} "
+            f"{within:.0%}; {gap}.")
+
+
+def section_samplers(snap: Snapshot, models: list[str] | None = None) -> Section:
+    """One table per model of ``samplers.models`` (stage ``samplers@<kind>``), each sampler against the best one."""
+    sec = Section("Samplers: quality against compute (samplers@{model})")
     default = default_extractors(snap)
-    scores = {k: h for k, v in entries.items() if (h := headline(v, default)) and (_num(v.get("nfe")) or 0) > 0}
-    if scores:
-        cost = {k: (float(entries[k]["nfe"]), h[2]) for k, h in scores.items()}
-        sec.figures.append(Figure("Headline score against NFE per sampler", plot_cost(cost, _label(scores))))
+    found = {r.sde: (r, d) for r, d in snap.all("samplers") if r.sde}
+    models = list(models or []) + sorted(set(found) - set(models or []))
+    cost: dict[str, tuple[float, float]] = {}
+    if not models:
+        sec.text.append(f"The samplers stage has not run in this experiment ({NOT_RUN}).")
+    for kind in models:
+        r, d = snap.find("samplers", sde=kind) if kind in found else (None, None)
+        entries = {k: v for k, v in (d or {}).items() if isinstance(v, dict)}
+        rows_in = [(k, r, v) for k, v in entries.items()] or [(NOT_RUN, None, None)]
+        table = quality_table("sampler", rows_in, default, [("method", "sampler"), ("NFE", "nfe"),
+                                                            ("seconds", "seconds"), ("s / 1000 samples", "seconds_per_1000")])
+        table.caption = f"Model {kind} ({(d or {}).get('checkpoint', '?')} weights)"
+        sec.tables.append(table)
+        if r is None:
+            sec.text.append(f"The samplers stage has not run for {kind} in this experiment (samplers@{kind}: {NOT_RUN}).")
+            continue
+        best = min((k for k in entries if scored(entries[k], default)), key=lambda k: scored(entries[k], default)[1],
+                   default=None)
+        if best is not None and (sig := significance_table(entries, default, against=best)) is not None:
+            sig.caption = f"{kind}: each sampler against the best ({best}). " + sig.caption
+            sec.tables.append(sig)
+        for k, v in entries.items():
+            if (h := headline(v, default)) and (_num(v.get("nfe")) or 0) > 0:
+                cost[f"{kind}: {k}"] = (float(v["nfe"]), h[2])
+        if (line := few_step_verdict(kind, entries, default)):
+            sec.text.append(line)
+    if cost:
+        sec.figures.append(Figure("Headline score against NFE per sampler and model", plot_cost(cost, "FID")))
     return sec
 
 

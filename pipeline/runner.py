@@ -6,6 +6,13 @@ stage's ``wdir``; environment from :func:`stage_env`), streamed to the Prefect l
 ``.dvc/tmp/flow-logs/STAGE.log``, and the result is recorded in ``dvc.lock`` like ``dvc commit -f
 STAGE``. Only the DVC bookkeeping is serialised (:func:`dvc_session`: a thread lock plus a file lock
 in ``.dvc/tmp``); stage commands of one flow run execute concurrently.
+
+Progress bars do not flood the log: :func:`run_command` relays ordinary lines as they come but
+progress refreshes (``\r``-terminated segments, tqdm-like lines) at most once per
+``progress_interval_s`` (10 s) per command, and always the last one (see :class:`OutputRelay`).
+A stage exiting with status 2 (invalid parameters: :func:`pipeline.params.exit_on_params_error`, the
+stage harness, argparse) fails at once: :func:`should_retry` is the task's ``retry_condition_fn``.
+Each attempt is counted in :func:`stage_stats` (attempts, seconds) for the flow's summary artifact.
 """
 from __future__ import annotations
 
@@ -13,13 +20,11 @@ from pipeline.env import DVC_ROOT, DVC_STAGE, PYTHONUNBUFFERED, flow_defaults
 
 flow_defaults()  # before Prefect/DVC read their settings (only where unset)
 
-import collections  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -30,6 +35,7 @@ from prefect import get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from pipeline.dvcgraph import StageSpec  # noqa: E402
+from pipeline.flow_output import PROGRESS_INTERVAL_S, OutputRelay, run_command  # noqa: E402,F401 (re-exported)
 
 LOCK_NAME = "scoresde-flow.lock"          # in .dvc/tmp: serialises DVC bookkeeping across processes
 LOG_DIR = Path(".dvc") / "tmp" / "flow-logs"  # full output of the last run of each stage
@@ -38,8 +44,60 @@ LOG_DIR = Path(".dvc") / "tmp" / "flow-logs"  # full output of the last run of e
 _SHELL_TOKENS = {"&&", "||", "|", ";", "&", ">", ">>", "<", "<<", "2>", "2>>", "&>", "2>&1", "1>&2", "|&"}
 
 
+#: Exit statuses that mean "the same inputs will fail the same way": no retry. 2 = invalid parameters
+#: (pipeline.params.exit_on_params_error, the stage harness) and argparse usage errors.
+DETERMINISTIC_EXIT_CODES = frozenset({2})
+
+
 class StageFailed(RuntimeError):
-    """A stage's command failed (or did not produce its outputs); the message ends with its log tail."""
+    """A stage's command failed (or did not produce its outputs); the message ends with its log tail.
+
+    ``exit_code`` is the command's exit status (None when it did not exit by itself); ``retryable`` is
+    False for failures that a retry would repeat (invalid parameters, shell syntax in ``cmd``).
+    """
+
+    def __init__(self, message: str, *, exit_code: int | None = None, retryable: bool = True):
+        super().__init__(message)
+        self.exit_code, self.retryable = exit_code, retryable
+
+    def __reduce__(self):  # keep the attributes through pickling (results and states may be pickled)
+        return (_stage_failed, (str(self), self.exit_code, self.retryable))
+
+
+def _stage_failed(message: str, exit_code: int | None, retryable: bool) -> StageFailed:
+    return StageFailed(message, exit_code=exit_code, retryable=retryable)
+
+
+def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn`` of the stage task: retry unless the failure is deterministic."""
+    error = getattr(state, "data", None)
+    if not isinstance(error, BaseException):
+        try:
+            error = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - cannot tell: retry as configured
+            return True
+    return not (isinstance(error, StageFailed) and not error.retryable)
+
+
+# ======================================================= per-attempt bookkeeping
+_stats: dict[str, dict[str, dict]] = {}
+_stats_guard = threading.Lock()
+
+
+def _record_attempt(run_key: str, stage: str, attempt: int, started: float, ended: float) -> None:
+    with _stats_guard:
+        entry = _stats.setdefault(run_key, {}).setdefault(stage, {"attempts": 0, "first_start": started})
+        entry["attempts"] = max(entry["attempts"], attempt)
+        entry["seconds"] = round(ended - entry["first_start"], 3)
+
+
+def stage_stats(run_key: str, *, pop: bool = False) -> dict[str, dict]:
+    """``{stage: {"attempts": n, "seconds": s}}`` of the tasks run with ``StageContext.run_key``:
+    attempts started, and seconds from the first attempt's start to the last one's end (retry waits
+    included)."""
+    with _stats_guard:
+        stats = _stats.pop(run_key, {}) if pop else dict(_stats.get(run_key, {}))
+    return {name: {"attempts": e["attempts"], "seconds": e.get("seconds", 0.0)} for name, e in stats.items()}
 
 
 # ================================================================ DVC bookkeeping
@@ -65,6 +123,8 @@ class StageContext:
     log_tail_lines: int = 40
     lock_timeout_s: float = 120.0
     gpu_slots: int | None = None
+    run_key: str = ""              # groups the attempts of one flow run in stage_stats()
+    progress_interval_s: float = PROGRESS_INTERVAL_S
 
 
 @contextlib.contextmanager
@@ -185,7 +245,8 @@ def split_command(cmd: str) -> list[str]:
     if bad or not argv:
         raise StageFailed(
             f"command {cmd!r} uses shell syntax {bad} (or is empty): the flow runs commands without a "
-            "shell. Use a list of commands in dvc.yaml (`cmd: [a, b]`) or move the logic into a script.")
+            "shell. Use a list of commands in dvc.yaml (`cmd: [a, b]`) or move the logic into a script.",
+            retryable=False)
     return argv
 
 
@@ -203,71 +264,23 @@ def stage_env(spec: StageSpec, ctx: StageContext) -> dict[str, str]:
     return env
 
 
-def run_command(argv: list[str], *, cwd: str, env: dict, tail_lines: int, log_file: Path,
-                timeout_s: float | None, on_line: Any = None) -> tuple[int, list[str], bool]:
-    """Run one command, streaming its merged stdout/stderr; returns (exit code, last lines, timed out)."""
-    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    timed_out = threading.Event()
-    with open(log_file, "a", encoding="utf-8", errors="replace") as log:
-        log.write(f"$ {shlex.join(argv)}\n")
-        log.flush()
-        try:
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
-        except OSError as err:
-            tail.append(f"cannot start {argv[0]!r}: {err}")
-            log.write(tail[-1] + "\n")
-            return 127, list(tail), False
-
-        def kill() -> None:
-            timed_out.set()
-            _terminate(proc)
-
-        timer = threading.Timer(timeout_s, kill) if timeout_s else None
-        if timer:
-            timer.daemon = True
-            timer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                tail.append(line)
-                log.write(line + "\n")
-                if on_line:
-                    on_line(line)
-            code = proc.wait()
-        except BaseException:
-            _terminate(proc)
-            raise
-        finally:
-            if timer:
-                timer.cancel()
-    return code, list(tail), timed_out.is_set()
-
-
-def _terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(OSError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(OSError):
-            proc.kill()
-        proc.wait()
-
-
 # ======================================================================== the task
-@task(cache_policy=NONE, persist_result=False)
+@task(cache_policy=NONE, persist_result=False, retry_condition_fn=should_retry)
 def dvc_stage(spec: StageSpec, ctx: StageContext, timeout_s: float | None = None, gpu: bool = False) -> dict:
     """Bring one DVC stage up to date: skip, restore, or run its command and ``dvc commit`` it."""
     from prefect.runtime import task_run as current_task_run
 
-    logger = get_run_logger()
     attempt = current_task_run.run_count or 1
     started = time.perf_counter()
+    try:
+        return _bring_up_to_date(spec, ctx, timeout_s, gpu, attempt, started)
+    finally:
+        _record_attempt(ctx.run_key, spec.name, attempt, started, time.perf_counter())
+
+
+def _bring_up_to_date(spec: StageSpec, ctx: StageContext, timeout_s: float | None, gpu: bool, attempt: int,
+                      started: float) -> dict:
+    logger = get_run_logger()
 
     def done(action: str, **extra: Any) -> dict:
         return {"stage": spec.name, "action": action, "seconds": round(time.perf_counter() - started, 3),
@@ -306,13 +319,18 @@ def dvc_stage(spec: StageSpec, ctx: StageContext, timeout_s: float | None = None
         for argv in commands:
             code, tail, timed_out = run_command(
                 argv, cwd=spec.wdir, env=env, tail_lines=ctx.log_tail_lines, log_file=log_file,
-                timeout_s=timeout_s, on_line=lambda line: logger.info("[%s] %s", spec.name, line))
+                timeout_s=timeout_s, on_line=lambda line: logger.info("[%s] %s", spec.name, line),
+                progress_interval_s=ctx.progress_interval_s)
             if code != 0 or timed_out:
+                deterministic = not timed_out and code in DETERMINISTIC_EXIT_CODES
                 why = f"timed out after {timeout_s:g} s" if timed_out else f"exited with code {code}"
+                if deterministic:
+                    why += " (invalid parameters or usage: not retried)"
+                    logger.error("%s %s: a retry would fail the same way, not retrying", spec.name, why)
                 raise StageFailed(
                     f"stage {spec.name!r} failed (attempt {attempt}): `{shlex.join(argv)}` {why} "
                     f"(cwd {spec.wdir}; full log {log_file}). Last {len(tail)} lines of its output:\n"
-                    + "\n".join(tail))
+                    + "\n".join(tail), exit_code=None if timed_out else code, retryable=not deterministic)
 
     with dvc_session(ctx) as repo:
         try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pipeline.params import Float, Int, OrAuto, ParamsError, Section, less_than
 from pipeline.schemas import SDE_KINDS
 
+EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5}  # Karras et al. (2022), Table 1
+
 NOISE = Section({
     "sigma_begin": OrAuto(Float(gt=0)),
     "sigma_end": Float(gt=0),
@@ -20,6 +22,9 @@ NOISE = Section({
                   checks=[less_than("sigma_min", "sigma_max")]),
     "vp": Section({"beta_min": Float(gt=0), "beta_max": Float(gt=0)}, checks=[less_than("beta_min", "beta_max")]),
     "subvp": Section({"beta_min": Float(gt=0), "beta_max": Float(gt=0)}, checks=[less_than("beta_min", "beta_max")]),
+    # EDM (Karras et al., 2022): noise levels σ in [σ_min, σ_max] (sampled as a VE process) and σ_data of its preconditioning
+    "edm": Section({"sigma_min": Float(0.002, gt=0), "sigma_max": Float(80.0, gt=0), "sigma_data": Float(0.5, gt=0)},
+                   checks=[less_than("sigma_min", "sigma_max")], default=EDM_DEFAULTS),
 }, checks=[less_than("sigma_end", "sigma_begin")])
 
 
@@ -50,6 +55,7 @@ def build_schedule(p: dict, x) -> dict:
         "ve": {"sigma_min": p["ve"]["sigma_min"], "sigma_max": float(sigma_max)},
         "vp": dict(p["vp"]),
         "subvp": dict(p["subvp"]),
+        "edm": dict(p.get("edm") or EDM_DEFAULTS),
         "data_shape": list(x.shape[1:]),
     }
 
@@ -73,13 +79,18 @@ def _ncsnv2_levels(x, sigma_begin: float, sigma_end: float) -> tuple[int, dict]:
 
 
 def make_sde(kind: str, schedule: dict, N: int | None = None):
-    """The SDE of ``kind`` with the schedule's parameters (None for the discrete-σ NCSN); ``N`` = the number
-    of discretisation steps of the sampler that will use it (the SDE's default when None)."""
-    if kind == "ncsn":
-        return None
+    """The SDE of ``kind`` with the schedule's parameters; ``N`` = the number of discretisation steps of the
+    sampler that will use it (the SDE's default when None). NCSN's σ-conditioned network, read as a
+    continuous model for the ODE / SDE samplers, gets the VE SDE over its own range [σ_L, σ_1]; EDM the VE SDE
+    over [σ_min, σ_max] (both networks are conditioned on σ; the samplers convert t to σ)."""
     from scoresde.sde import get_sde
 
+    if kind == "ncsn":
+        p = {"sigma_min": float(schedule["sigma_end"]), "sigma_max": float(schedule["sigma_begin"])}
+        return get_sde("ve", **p, **({"N": N} if N is not None else {}))
     p = dict(schedule[kind])
+    if kind == "edm":
+        kind, p = "ve", {"sigma_min": p["sigma_min"], "sigma_max": p["sigma_max"]}
     if N is not None:
         p["N"] = N
     return get_sde(kind, **p)

@@ -17,10 +17,10 @@ from pipeline.params import (Bool, Float, Int, List, Optional, OrAuto, Section, 
 from scoresde.distributed import DEVICE_PATTERN
 from scoresde.fastpath import AMP_DTYPES, OPTIMIZER_IMPLS
 
-MODEL_KINDS = ("ncsn", "ve", "vp", "subvp")
-SDE_KINDS = ("ve", "vp", "subvp")
-LANGEVIN_KINDS = ("ncsn", "ve")  # samplers in σ-space need a σ-conditioned score
-SAMPLERS = ("annealed_langevin", "langevin", "pc", "ode", "heun")
+MODEL_KINDS = ("ncsn", "ve", "vp", "subvp", "edm")
+SDE_KINDS = ("ve", "vp", "subvp")  # the SDEs of Song et al. (2021) with their own forward processes
+LANGEVIN_KINDS = ("ncsn", "ve", "edm")  # samplers in σ-space need a σ-conditioned score
+SAMPLERS = ("annealed_langevin", "langevin", "pc", "ode", "heun", "dpm_solver")
 DATASETS = ("toy", "digits", "mnist", "cifar10", "celeba")
 
 DEVICE = Str(pattern=DEVICE_PATTERN, hint="'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -57,6 +57,7 @@ def train_section(kind: str) -> Section:
         "warmup": Int(0, ge=0),
         "grad_clip": Optional(Float(gt=0)),
         "ema_decay": Float(ge=0, lt=1),
+        "ema_warmup": Bool(True),  # decay_t = min(ema_decay, (1 + t) / (10 + t)) (score_sde)
         "ckpt_every": Int(ge=1),
         "log_every": Int(ge=1),
         "centered": Bool(),
@@ -65,6 +66,9 @@ def train_section(kind: str) -> Section:
     }
     if kind == "ncsn":
         fields["anneal_power"] = Float(2.0, ge=0, le=4)
+    elif kind == "edm":  # EDM's training distribution of σ: ln σ ~ N(P_mean, P_std²) (Karras et al., 2022, Table 1)
+        fields["P_mean"] = Float(-1.2)
+        fields["P_std"] = Float(1.2, gt=0)
     else:
         fields["likelihood_weighting"] = Bool(False)
     return Section(fields)
@@ -74,8 +78,8 @@ def sample_section(kind: str) -> Section:
     def compatible(d: dict):
         if d["sampler"] in ("annealed_langevin", "langevin") and kind not in LANGEVIN_KINDS:
             return "sampler", f"{d['sampler']!r} needs a σ-conditioned model (ncsn or ve), not {kind}; use pc, ode or heun"
-        if d["sampler"] in ("pc", "ode", "heun") and kind == "ncsn":
-            return "sampler", "ncsn is a discrete-σ model: use annealed_langevin or langevin"
+        # NCSN with pc / ode / heun / dpm_solver: its σ-conditioned network read as a VE model over [σ_L, σ_1]
+        # (pipeline.schedule.make_sde), queried between the levels it was trained on.
         return None
 
     return Section({
@@ -97,9 +101,13 @@ def sample_section(kind: str) -> Section:
         # probability-flow ODE
         "rtol": Float(1e-5, gt=0, lt=1),
         "atol": Float(1e-5, gt=0, lt=1),
-        # Heun (EDM)
+        # Heun (EDM, Karras et al. 2022 Alg. 1; with S_churn > 0 the stochastic Alg. 2)
         "num_steps": Int(18, ge=2, le=10_000),
         "rho": Float(7.0, gt=0),
+        "S_churn": Float(0.0, ge=0),
+        "S_tmin": Float(0.0, ge=0),
+        "S_tmax": Float(1e9, gt=0),  # "infinity": any σ gets churn
+        "S_noise": Float(1.0, gt=0),
     }, checks=[compatible])
 
 

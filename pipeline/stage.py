@@ -63,7 +63,8 @@ def stage_main(stage: str, schema: dict[str, Spec], body: Callable[..., None], *
 
 
 def _run(name: str, params: dict, body: Callable[..., None], args: argparse.Namespace) -> int:
-    """Tracking check, then the body; exit status 1 (tracking) or 2 (params found invalid against the data)."""
+    """Tracking check, then the body; exit status 1 (tracking, or an expected error of the library: one line
+    ``stage <name>: <message>``, no traceback) or 2 (params found invalid against the data)."""
     from pipeline.tracking import NullRun, TrackingUnavailable, configure, stage_run
 
     try:
@@ -83,4 +84,30 @@ def _run(name: str, params: dict, body: Callable[..., None], args: argparse.Name
     except ParamsError as err:  # relations only checkable against the data (e.g. σ_end < auto σ_begin)
         print(f"[{name}] invalid parameters: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - only the library's expected errors end here; others re-raise
+        if not _expected(err):
+            raise  # a bug: its traceback is what a developer needs
+        print(f"stage {name}: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+#: The library's expected errors, by module: a user can fix each from its message (missing dataset files and
+#: where to put them, a corrupt checkpoint, a diverged training run, a stop by signal after a checkpoint).
+EXPECTED_ERRORS = {
+    "scoresde.atomic": ("DiskFullError",),  # "no space left on device writing <path>"
+    "scoresde.data": ("DatasetError",),  # DatasetNotFoundError, DatasetCorruptedError
+    "scoresde.checkpoint": ("CheckpointError",),  # CorruptCheckpointError, UnsafeCheckpointError
+    "scoresde.training": ("NonFiniteLossError", "TrainingInterrupted"),
+    "pipeline.fidelity": ("UnsafeWeightsError",),
+}
+
+
+def _expected(err: BaseException) -> bool:
+    """Is ``err`` one of :data:`EXPECTED_ERRORS`? Looked up in the modules already imported (an exception of a
+    class can only exist once its module is), so the harness imports no torch for it."""
+    for module, names in EXPECTED_ERRORS.items():
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(err, tuple(getattr(mod, n) for n in names if hasattr(mod, n))):
+            return True
+    return False

@@ -13,7 +13,16 @@ stage's entry in dvc.lock) is attached once DVC has written the lock entry, by :
 
 The tracking server is checked *before* a stage starts its work: an unreachable or slow server fails
 within ``tracking.timeout_s`` seconds with the URI in the message, or, with
-``tracking.offline_fallback: true``, the stage logs to the local SQLite store and says so.
+``tracking.offline_fallback: true``, the stage logs to the local SQLite store and says so. A server that
+dies *during* a stage is handled by :class:`pipeline.tracking_run.StageRun` the same way (fail naming the
+URI, or continue in the local store); ``python -m pipeline.tracking sync`` later copies the local runs to
+the server (:mod:`pipeline.tracking_sync`), ``python -m pipeline.tracking reap`` closes as KILLED the
+RUNNING runs whose heartbeat stopped.
+
+Beyond params, metrics and artifacts, a stage run carries MLflow's native records: every PNG the stage
+declares in dvc.yaml as a keyed image, every CSV / Parquet output as a table, the prepared dataset as an
+input (prepare, train), system metrics (train, sample), the trained model as a registered pyfunc
+(``scoresde-<kind>``, :mod:`pipeline.mlflow_model`), and the report on the reproduction's parent run.
 """
 from __future__ import annotations
 
@@ -25,17 +34,18 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline import env
 from pipeline.env import (
     DVC_STAGE, MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_TRACKING_URI, PARENT_RUN_ID,
     RUN_GROUP, quiet_telemetry,
 )
-from pipeline.params import flatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -45,6 +55,17 @@ quiet_telemetry()
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server cannot be reached."""
+
+
+_FALLBACK_FROM: str | None = None  # the server the last configure() fell back from (local runs to sync there)
+
+
+def __getattr__(name: str):  # StageRun / NullRun live in pipeline.tracking_run (imported on first use)
+    if name in ("StageRun", "NullRun"):
+        from pipeline import tracking_run
+
+        return getattr(tracking_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------ run context
@@ -119,19 +140,25 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 def configure(tracking: dict | None = None) -> str:
     """Resolve, check and activate the tracking URI; returns the URI in use."""
+    global _FALLBACK_FROM
     tracking = tracking or {}
     uri = resolve_uri(tracking)
     timeout = float(tracking.get("timeout_s", 10.0))
-    # Bound every later HTTP call as well, so a server dying mid-stage cannot hang it for minutes.
+    # Bound every later HTTP call as well, so a server dying mid-stage cannot hang it for minutes: a refused
+    # connection fails after 2 retries in ~2.5 s (backoff 0 + 2 s, jitter <= 0.5 s), a hung one per timeout.
     os.environ.setdefault(MLFLOW_HTTP_REQUEST_TIMEOUT, str(int(max(timeout, 1))))
     os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES, "2")
+    os.environ.setdefault(env.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, "1")
+    os.environ.setdefault(env.MLFLOW_HTTP_REQUEST_BACKOFF_JITTER, "0.5")
+    _FALLBACK_FROM = None
     try:
         ensure_reachable(uri, timeout)
     except TrackingUnavailable as err:
         if not tracking.get("offline_fallback", False):
             raise
-        print(f"[tracking] {err}\n[tracking] offline_fallback: logging to the local store {DEFAULT_URI} instead",
-              file=sys.stderr)
+        print(f"[tracking] {err}\n[tracking] offline_fallback: logging to the local store {DEFAULT_URI} instead; "
+              "`python -m pipeline.tracking sync` copies the runs to the server later", file=sys.stderr)
+        _FALLBACK_FROM = uri if uri.startswith(("http://", "https://")) else None
         uri = DEFAULT_URI
     import mlflow
 
@@ -182,95 +209,94 @@ def find_or_create_parent(experiment: str, group: str) -> str:
 
 
 # ---------------------------------------------------------------- stage runs
-class StageRun:
-    """Thin handle on the active MLflow run of a stage (keeps MLflow calls out of the stage bodies)."""
-
-    def __init__(self, run_id: str, stage: str, sde: str | None):
-        self.run_id, self.stage, self.sde = run_id, stage, sde
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import mlflow
-
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        mlflow.log_metrics(clean, step=step)
-
-    def log_params(self, params: dict) -> None:
-        import mlflow
-
-        flat = {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(params).items()}
-        items = list(flat.items())
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[i:i + 100]))
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        if Path(path).exists():
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-    def log_dict(self, data: dict, name: str) -> None:
-        import mlflow
-
-        mlflow.log_dict(data, name)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        import mlflow
-
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
-
-class NullRun(StageRun):
-    """Stands in for a run where nothing is tracked (non-zero ranks under torchrun)."""
-
-    def __init__(self):
-        super().__init__("", "", None)
-
-    def log_metrics(self, metrics, step=None): pass
-    def log_params(self, params): pass
-    def log_artifact(self, path, artifact_path=None): pass
-    def log_dict(self, data, name): pass
-    def set_tags(self, tags): pass
-
-
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict, *, sde: str | None = None, extra_tags: dict | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, params: dict, *, sde: str | None = None, extra_tags: dict | None = None) -> Iterator[Any]:
     """Open the MLflow run of one stage, nested under the reproduction's parent run.
 
     Logs the resolved params (flattened) and a ``run_info.json`` (params, seed, git commit, versions);
-    marks the run FAILED if the body raises.
+    after the body, the stage's declared PNG / CSV / Parquet outputs as images and tables; marks the run
+    FAILED if the body raises (KILLED on Ctrl-C). The handle is a :class:`pipeline.tracking_run.StageRun`.
     """
-    import mlflow
+    from pipeline.tracking_run import StageRun, system_metrics_wanted
 
-    uri = configure(params.get("tracking"))
+    global _FALLBACK_FROM
+    tracking = params.get("tracking") or {}
+    fallback = bool(tracking.get("offline_fallback", False))
+    uri = configure(tracking)
     experiment = params.get("experiment", "scoresde")
-    group = run_group()
-    parent = os.environ.get(PARENT_RUN_ID) or find_or_create_parent(experiment, group)
-    exp_id = _experiment_id(experiment)
-    versions = package_versions()
-    tags = {
-        "stage": stage.split("@")[0],
-        "sde": sde or "none",
-        "dvc_stage": os.environ.get(DVC_STAGE, stage),
-        "run_group": group,
-        "git_commit": git_commit(),
-        "seed": params.get("seed", "none"),
-        "tracking_uri": uri,
-        **{f"version.{k}": v for k, v in versions.items()},
-        **(extra_tags or {}),
-    }
-    tags.update(host=socket.gethostname(), pid=os.getpid())
-    close_orphaned_runs(exp_id, tags["dvc_stage"])
     run_name = stage if sde is None or "@" in stage else f"{stage}@{sde}"
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent,
-                          tags={k: str(v) for k, v in tags.items()}) as active:
-        handle = StageRun(active.info.run_id, stage, sde)
+    system_metrics = system_metrics_wanted(stage)
+    try:
+        active, tags, parent = _open_stage_run(stage, params, uri, sde, run_name, system_metrics, extra_tags)
+    except TrackingUnavailable as err:  # the server died between the check and the run's creation
+        if not fallback:
+            raise
+        print(f"[tracking] {err}\n[tracking] offline_fallback: logging to the local store {DEFAULT_URI} instead",
+              file=sys.stderr)
+        import mlflow
+
+        _FALLBACK_FROM, uri = uri, DEFAULT_URI
+        mlflow.set_tracking_uri(uri)
+        active, tags, parent = _open_stage_run(stage, params, uri, sde, run_name, system_metrics, extra_tags)
+    handle = StageRun(active.info.run_id, stage, sde, uri=uri, experiment=experiment, parent_run_id=parent,
+                      tags=tags, fallback=fallback, timeout_s=float(tracking.get("timeout_s", 10.0)),
+                      start_time=active.info.start_time, run_name=run_name, fluent=True, system_metrics=system_metrics)
+    handle.start_heartbeat()
+    status = "FAILED"
+    try:
         handle.log_params({k: v for k, v in params.items() if k != "tracking"})
         handle.log_dict({"stage": stage, "sde": sde, "params": params, "tags": tags}, "run_info.json")
-        try:
-            yield handle
-        except BaseException:
-            mlflow.end_run(status="FAILED")
+        yield handle
+        handle.log_outputs(tags["dvc_stage"])
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        handle.close(status)
+
+
+def _open_stage_run(stage, params, uri, sde, run_name, system_metrics, extra_tags):
+    """Parent, experiment, orphans, then ``mlflow.start_run``; a server lost meanwhile is TrackingUnavailable."""
+    import mlflow
+
+    from pipeline.tracking_run import HEARTBEAT_TAG, SYNC_TO_TAG
+
+    try:
+        experiment = params.get("experiment", "scoresde")
+        group = run_group()
+        parent = os.environ.get(PARENT_RUN_ID)
+        if _FALLBACK_FROM and uri == DEFAULT_URI:  # a parent id handed down lives on the unreachable server
+            parent = None
+        parent = parent or find_or_create_parent(experiment, group)
+        exp_id = _experiment_id(experiment)
+        tags = {
+            "stage": stage.split("@")[0],
+            "sde": sde or "none",
+            "dvc_stage": os.environ.get(DVC_STAGE, stage),
+            "run_group": group,
+            "git_commit": git_commit(),
+            "seed": params.get("seed", "none"),
+            "tracking_uri": uri,
+            **{f"version.{k}": v for k, v in package_versions().items()},
+            **(extra_tags or {}),
+        }
+        tags.update(host=socket.gethostname(), pid=os.getpid(), **{HEARTBEAT_TAG: f"{time.time():.3f}"})
+        if _FALLBACK_FROM:
+            tags[SYNC_TO_TAG] = _FALLBACK_FROM
+        close_orphaned_runs(exp_id, tags["dvc_stage"])
+        active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent,
+                                  tags={k: str(v) for k, v in tags.items()}, log_system_metrics=system_metrics)
+    except Exception as err:
+        if isinstance(err, TrackingUnavailable) or not uri.startswith(("http://", "https://")):
             raise
+        try:
+            ensure_reachable(uri, 5.0)
+        except TrackingUnavailable:
+            raise TrackingUnavailable(f"MLflow tracking server {uri} was lost while opening the run of {stage} "
+                                      f"({str(err).splitlines()[0][:200]})") from None
+        raise
+    return active, tags, parent
 
 
 def _pid_alive(pid: int) -> bool:
@@ -323,6 +349,7 @@ def sync_lock_tags(experiment: str, group: str | None = None, lock_file: str | P
 
     Only a run whose recorded params/deps match the lock is meaningful to tag, so this is called right
     after DVC has written the lock (end of ``make repro``, after each ``dvc commit`` in the Prefect flow).
+    The model versions those runs registered (``scoresde-<kind>``) get the same ``dvc_lock_md5`` tag.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -335,27 +362,61 @@ def sync_lock_tags(experiment: str, group: str | None = None, lock_file: str | P
         return 0
     group = group or run_group()
     runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.run_group = '{group}'")
-    client, tagged = MlflowClient(), 0
+    client, tagged, by_run = MlflowClient(), 0, {}
     for _, row in runs.iterrows():
         name = row.get("tags.dvc_stage")
-        if isinstance(name, str) and name in hashes and row.get("tags.dvc_lock_md5") != hashes[name]:
+        if not (isinstance(name, str) and name in hashes):
+            continue
+        by_run[row["run_id"]] = hashes[name]
+        if row.get("tags.dvc_lock_md5") != hashes[name]:
             client.set_tag(row["run_id"], "dvc_lock_md5", hashes[name])
             tagged += 1
+    try:
+        from pipeline.mlflow_model import tag_model_versions
+
+        versions = tag_model_versions({r: h for r, h in by_run.items()}, client)
+        if versions:
+            print(f"[tracking] tagged {versions} registered model version(s) with their dvc.lock hash", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a store without a model registry still gets its run tags
+        print(f"[tracking] model versions not tagged: {err}", file=sys.stderr)
     return tagged
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.tracking sync-lock`` (used by ``make repro`` after ``dvc repro``)."""
+    """``python -m pipeline.tracking sync-lock|check|sync|reap``.
+
+    ``sync-lock`` (``make repro`` runs it after ``dvc repro``): dvc.lock hashes onto the runs and model
+    versions of a run group. ``check``: is the store reachable. ``sync [--to URI] [--from URI]``: copy the
+    runs logged locally during a server outage to the server (:mod:`pipeline.tracking_sync`).
+    ``reap [--max-age-s S] [--experiment NAME]``: mark KILLED the RUNNING runs with no heartbeat for S s.
+    """
     import argparse
 
     from pipeline.params import ParamsError, read_params
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
-    parser.add_argument("command", choices=["sync-lock", "check"])
-    parser.add_argument("--group", default=None)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["sync-lock", "check", "sync", "reap"])
+    parser.add_argument("--group", default=None, help="sync-lock: the run group (default: this checkout's)")
+    parser.add_argument("--to", default=None, help="sync: the server (default: the one each run was meant for)")
+    parser.add_argument("--from", dest="source", default=None,
+                        help=f"sync: the local store (default: {DEFAULT_URI} in the current folder)")
+    parser.add_argument("--max-age-s", type=float, default=None, help="reap: heartbeat age bound (default 600)")
+    parser.add_argument("--experiment", default=None, help="reap: only this experiment (default: all)")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    try:
-        params = read_params()
+    if args.command == "sync":
+        from pipeline import tracking_sync
+
+        try:
+            results = tracking_sync.sync(args.source or tracking_sync.local_uri_of("."), args.to)
+        except TrackingUnavailable as err:
+            print(err, file=sys.stderr)
+            return 1
+        print(f"synced {len(results)} run(s), {sum(r.copied for r in results)} item(s) copied")
+        return 0
+    try:  # only the tracking settings are read: without a params file, MLFLOW_TRACKING_URI or the local store
+        params = read_params(args.params) if Path(args.params).exists() or args.command == "sync-lock" else {}
     except ParamsError as err:
         print(err, file=sys.stderr)
         return 2
@@ -366,6 +427,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "check":
         print(f"tracking store {uri} is reachable")
+        return 0
+    if args.command == "reap":
+        from mlflow import MlflowClient
+
+        from pipeline import tracking_sync
+
+        client = MlflowClient(uri)
+        exps = None
+        if args.experiment:
+            exp = client.get_experiment_by_name(args.experiment)
+            if exp is None:
+                print(f"experiment {args.experiment!r} not found at {uri}", file=sys.stderr)
+                return 1
+            exps = [exp.experiment_id]
+        max_age = tracking_sync.DEFAULT_MAX_AGE_S if args.max_age_s is None else args.max_age_s
+        reaped = tracking_sync.reap(client, max_age, exps)
+        print(f"reaped {len(reaped)} run(s) with no heartbeat for {max_age:g} s ({uri})")
         return 0
     n = sync_lock_tags(params.get("experiment", "scoresde"), args.group)
     print(f"tagged {n} stage runs with their dvc.lock hash ({uri})")

@@ -7,6 +7,8 @@
 * :func:`find_resumable_checkpoint` returns the newest checkpoint that loads and carries the same
   fingerprint; a torn (truncated/corrupt) file is skipped with a warning, a stale one (other params) is
   moved aside to ``stale/`` (and moved back when the params match again).
+* A write that runs out of space raises :class:`scoresde.atomic.DiskFullError` (an ``OSError``: ``no space
+  left on device writing <path>``); the previous checkpoints stay as they were and no temporary file is left.
 * Everything is loaded with ``torch.load(..., weights_only=True)``: a file that would run code when
   unpickled is refused (:class:`UnsafeCheckpointError`) and nothing in it is executed.
 """
@@ -29,13 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from scoresde.atomic import TMP_PREFIX, atomic_path
+from scoresde.atomic import TMP_PREFIX, DiskFullError, atomic_path
 from scoresde.distributed import Dist, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
+    "DiskFullError",
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "CKPT_FORMAT",
@@ -103,7 +106,8 @@ def to_cpu(obj: Any) -> Any:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`scoresde.atomic.atomic_path`: a crash at any moment leaves either the
     previous file or the complete new one under ``path``, never a torn one (only a ``.tmp-*`` file, which
-    :func:`cleanup_tmp` removes on the next training start).
+    :func:`cleanup_tmp` removes on the next training start). Out of space: :class:`DiskFullError` naming
+    ``path``, the temporary file removed.
 
     torch.save names the zip archive after the file it writes to, so it writes to an open file object:
     the bytes depend only on ``obj``, never on the random temporary name.

@@ -6,12 +6,21 @@
 - :func:`dsm_loss`                   Song & Ermon (2019), Eq. 5-6 (NCSN, denoising score matching, lambda = sigma^p)
 - :func:`sde_dsm_loss`               Song et al. (2021), Eq. 7 (continuous-time DSM, score_sde's ``get_sde_loss_fn``)
 - :func:`ddpm_loss`                  Ho, Jain & Abbeel (2020), Eq. 14 (L_simple, epsilon prediction)
+- :func:`scoresde.edm.edm_loss`      Karras et al. (2022), Eq. 8 (EDM: preconditioned denoiser, lognormal sigma)
+
+:func:`get_objective` names the objectives a network is trained with and returns the closure
+``loss_fn(model, x, generator)`` that :func:`scoresde.training.train` minimises: ``"dsm"`` (NCSN),
+``"sde_dsm"`` (VE / VP / sub-VP) and ``"edm"`` (an EDM-preconditioned model).
 """
 
 from __future__ import annotations
 
+import inspect
+from typing import Callable
+
 import torch
 
+from .edm import edm_loss
 from .sde import bcast
 
 __all__ = [
@@ -20,6 +29,10 @@ __all__ = [
     "dsm_loss",
     "sde_dsm_loss",
     "ddpm_loss",
+    "edm_loss",
+    "get_objective",
+    "objective_names",
+    "objective_settings",
 ]
 
 
@@ -166,3 +179,69 @@ def ddpm_loss(
     ab = alphas_cumprod[i]
     xi = bcast(torch.sqrt(ab), x) * x + bcast(torch.sqrt(1.0 - ab), x) * noise
     return _flat_sum((eps_fn(xi, i) - noise) ** 2).mean()
+
+
+# --------------------------------------------------------------------------------- objectives by name
+def _dsm_objective(*, sigmas, anneal_power: float = 2.0):
+    from .models import get_score_fn
+
+    return lambda model, x, g: dsm_loss(get_score_fn(model), x, sigmas, anneal_power=anneal_power, generator=g)
+
+
+def _sde_dsm_objective(*, sde, likelihood_weighting: bool = False, eps: float = 1e-5):
+    from .models import get_score_fn
+
+    return lambda model, x, g: sde_dsm_loss(sde, get_score_fn(model, sde), x, likelihood_weighting=likelihood_weighting,
+                                            eps=eps, generator=g)
+
+
+def _edm_objective(*, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float | None = None):
+    from .models import _unwrap
+
+    def loss_fn(model, x, g):
+        inner = _unwrap(model)
+        if getattr(inner, "precond", None) != "edm":
+            raise TypeError(f"the 'edm' objective trains an EDM denoiser (build_model with precond: edm), "
+                            f"got {type(inner).__name__}")
+        # σ_d of the loss weight must be the one the denoiser's c_skip/c_out use (Karras et al., 2022, Table 1).
+        sd = inner.sigma_data if sigma_data is None else float(sigma_data)
+        return edm_loss(model, x, P_mean=P_mean, P_std=P_std, sigma_data=sd, generator=g)
+
+    return loss_fn
+
+
+_OBJECTIVES: dict[str, Callable] = {"dsm": _dsm_objective, "sde_dsm": _sde_dsm_objective, "edm": _edm_objective}
+
+
+def objective_names() -> list[str]:
+    return list(_OBJECTIVES)
+
+
+def objective_settings(name: str) -> tuple[str, ...]:
+    """The settings ``get_objective(name, ...)`` accepts."""
+    return tuple(inspect.signature(_OBJECTIVES[_objective_key(name)]).parameters)
+
+
+def _objective_key(name: str) -> str:
+    key = str(name).lower()
+    if key not in _OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose from {sorted(_OBJECTIVES)}")
+    return key
+
+
+def get_objective(name: str, **settings) -> Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]:
+    """The training closure ``loss_fn(model, x, generator)`` of an objective, for :func:`scoresde.training.train`.
+
+    - ``"dsm"`` (settings ``sigmas``, ``anneal_power``): :func:`dsm_loss` of ``get_score_fn(model)`` (NCSN);
+    - ``"sde_dsm"`` (``sde``, ``likelihood_weighting``, ``eps``): :func:`sde_dsm_loss` of ``get_score_fn(model, sde)``;
+    - ``"edm"`` (``P_mean``, ``P_std``, ``sigma_data``): :func:`scoresde.edm.edm_loss` of the model itself, an
+      EDM denoiser (``build_model({..., "precond": "edm"})``); σ_d defaults to the model's own.
+
+    ``model`` may be DDP-wrapped: it is called through the wrapper, so gradients are synchronised.
+    Unknown settings raise ``TypeError`` naming them.
+    """
+    key = _objective_key(name)
+    unknown = sorted(set(settings) - set(objective_settings(key)))
+    if unknown:
+        raise TypeError(f"objective {key!r} takes no setting(s) {unknown}; it takes {list(objective_settings(key))}")
+    return _OBJECTIVES[key](**settings)

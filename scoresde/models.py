@@ -45,6 +45,7 @@ __all__ = [
     "build_model",
     "clone_model",
     "MODEL_NAMES",
+    "PRECONDS",
     "EMBEDDINGS",
 ]
 
@@ -193,9 +194,19 @@ def get_score_fn(model: nn.Module, sde: Any = None) -> Callable[[torch.Tensor, t
       (``embedding == "fourier"``: VE) and ``cond = t`` when it embeds time (``"sinusoidal"``: VP/sub-VP,
       where the network predicts ``-ε`` (Ho et al., 2020) and ``-ε/std`` is the score of the marginal).
 
+    - an EDM-preconditioned model (``build_model({..., "precond": "edm"})``, :class:`scoresde.edm.EDMPrecond`,
+      a denoiser D(x; σ)): ``score_fn(x, sigma) = (D(x; σ) − x) / σ²`` without ``sde`` (Karras et al., 2022,
+      Eq. 3) and :func:`scoresde.edm.edm_sde_score` with one (``score_fn(x, t)`` of the SDE's marginals).
+
     ``sigma``/``t`` have shape ``(batch,)`` (a scalar is broadcast). The model's train/eval mode is left
     as is; wrap calls in ``torch.no_grad()`` when sampling.
     """
+    if getattr(_unwrap(model), "precond", None) == "edm":
+        # An EDM denoiser (scoresde.edm.EDMPrecond): score = (D − x)/σ² (Karras et al., 2022, Eq. 3), in σ or in t.
+        from scoresde.edm import edm_denoiser_score, edm_sde_score
+
+        return edm_denoiser_score(model) if sde is None else edm_sde_score(model, sde)
+
     embedding = getattr(_unwrap(model), "embedding", None)
     if embedding not in EMBEDDINGS:
         raise ValueError(f"model must have an `embedding` attribute in {EMBEDDINGS}, got {embedding!r}")
@@ -228,6 +239,9 @@ def get_score_fn(model: nn.Module, sde: Any = None) -> Callable[[torch.Tensor, t
 # ----------------------------------------------------------------------------------------------------
 
 MODEL_NAMES = ("mlp", "unet")
+# Optional wrapper around the network: None (the raw network; get_score_fn scales it) or "edm"
+# (scoresde.edm.EDMPrecond: the EDM denoiser, Karras et al., 2022, Eq. 7).
+PRECONDS = (None, "edm")
 
 
 def _model_class(name: str) -> type[nn.Module]:
@@ -252,9 +266,19 @@ def build_model(config: Mapping[str, Any], data_shape: Sequence[int], seed: int 
     ``ValueError`` naming them. Lists (from YAML) are accepted for tuple arguments. With ``seed`` the
     weights are drawn from ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the caller's
     global RNG state is left untouched).
+
+    ``precond: edm`` (with optional ``sigma_data``, default 0.5) wraps the network in
+    :class:`scoresde.edm.EDMPrecond`, the EDM denoiser D(x; σ) (Karras et al., 2022, Eq. 7); the same config
+    rebuilds it for ``load_state_dict`` (its weights are the network's, under ``net.``).
     """
     data_shape = tuple(int(s) for s in data_shape)
     kwargs = dict(config)
+    precond = kwargs.pop("precond", None)
+    sigma_data = kwargs.pop("sigma_data", None)
+    if precond not in PRECONDS:
+        raise ValueError(f"model config key 'precond': unknown preconditioning {precond!r}; valid: {list(PRECONDS)}")
+    if sigma_data is not None and precond != "edm":
+        raise ValueError("model config key 'sigma_data' is only valid with precond: edm")
     if len(data_shape) == 1:
         inferred = "mlp"
     elif len(data_shape) == 3:
@@ -271,7 +295,8 @@ def build_model(config: Mapping[str, Any], data_shape: Sequence[int], seed: int 
     valid = _valid_keys(cls)
     for key in kwargs:
         if key not in valid:
-            raise ValueError(f"model config key {key!r} is not valid for {name!r}; valid keys: {valid}")
+            raise ValueError(f"model config key {key!r} is not valid for {name!r}; valid keys: "
+                             f"{valid + ['precond', 'sigma_data']}")
 
     if name == "mlp":
         derived = {"dim": data_shape[0]}
@@ -290,10 +315,16 @@ def build_model(config: Mapping[str, Any], data_shape: Sequence[int], seed: int 
             kwargs[key] = tuple(kwargs[key])
 
     if seed is None:
-        return cls(**kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return cls(**kwargs)
+        net = cls(**kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            net = cls(**kwargs)
+    if precond == "edm":
+        from scoresde.edm import EDMPrecond
+
+        return EDMPrecond(net, 0.5 if sigma_data is None else float(sigma_data))
+    return net
 
 
 def clone_model(model: nn.Module) -> nn.Module:

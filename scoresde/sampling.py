@@ -4,7 +4,8 @@
 - :func:`annealed_langevin`   NCSN's annealed Langevin dynamics (Song & Ermon, 2019, Alg. 1)
 - :func:`scoresde.pc.pc_sampler` predictor-corrector sampling of the reverse SDE (Song et al., 2021, Alg. 1-3)
 - :func:`ode_sampler`         probability-flow ODE (Song et al., 2021, Eq. 13) with scipy's adaptive RK45
-- :func:`heun_sampler`        EDM's deterministic 2nd-order sampler (Karras et al., 2022, Alg. 1, no churn)
+- :func:`heun_sampler`        EDM's 2nd-order sampler (Karras et al., 2022, Alg. 1; Alg. 2 with stochastic churn)
+- :func:`scoresde.dpm_solver.dpm_solver_pp_2m` DPM-Solver++(2M) on the probability-flow ODE (Lu et al., 2022, Alg. 2)
 
 Score-function conventions: ``score_fn(x)`` (data score) for :func:`langevin`; ``score_fn(x, sigma)`` with
 sigma of shape (batch,) for :func:`annealed_langevin`; ``score_fn(x, t)`` with t of shape (batch,) for the
@@ -24,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .dpm_solver import dpm_solver_pp_2m
 from .pc import ReverseDiffusionPredictor, _CountingScore, _device, _progress, _randn_like, pc_sampler
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "annealed_langevin",
     "ode_sampler",
     "heun_sampler",
+    "dpm_solver_pp_2m",
     "edm_sigmas",
     "get_sampler",
     "sampler_names",
@@ -192,18 +195,31 @@ def heun_sampler(
     generator: torch.Generator | None = None,
     *,
     eps: float = 1e-3,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = math.inf,
+    S_noise: float = 1.0,
     device=None,
     dtype=None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """EDM's deterministic sampler (Karras et al., 2022, Algorithm 1 with S_churn = 0) on the probability-flow ODE.
+    """EDM's sampler (Karras et al., 2022, Algorithm 2; with the default S_churn = 0 it is Algorithm 1, the
+    deterministic Heun solver of the probability-flow ODE).
 
     Written in the noise-level variable: any of our SDEs has x(t) = s(t) x_hat with x_hat ~ p_data * N(0, sigma^2 I),
     sigma(t) = std(t) / s(t) (``sde.noise_level``; s = 1 for VE). The probability-flow ODE is then
     d x_hat / d sigma = -sigma grad log p(x_hat; sigma) = -sigma s(t) score_fn(s(t) x_hat, t(sigma)).
-    Levels: ``edm_sigmas`` between sigma(T) and sigma(eps), then 0. Each step is Euler plus Heun's
-    correction, except the last (to sigma = 0), so ``num_steps`` = 18 costs 2 * 18 - 1 = 35 evaluations.
+    Levels: ``edm_sigmas`` between sigma(T) and sigma(eps) (Eq. 5, ``rho``), then 0. Each step is Euler plus
+    Heun's correction, except the last (to sigma = 0), so ``num_steps`` = 18 costs 2 * 18 - 1 = 35 evaluations.
     Starts from x_hat ~ N(0, sigma_max^2 I) as EDM does. Returns ``(x, nfe)``.
+
+    Stochastic churn (Alg. 2, lines 4-6): at each level sigma_i in [S_tmin, S_tmax] the step first raises the
+    noise to sigma_hat = (1 + gamma) sigma_i, gamma = min(S_churn / N, sqrt(2) - 1) (the cap at most doubles
+    the noise variance), by adding fresh noise
+    sqrt(sigma_hat^2 - sigma_i^2) S_noise z (drawn from ``generator``), then takes the Heun step from sigma_hat
+    to sigma_{i+1}: a Langevin-like correction of the errors of earlier steps at the same NFE. With churn
+    off (or no level in range) no random number is drawn and the result is bit-identical to Algorithm 1.
+    At the first level sigma_hat exceeds sigma(T) (t(sigma_hat) > T) unless S_tmax < sigma(T), as in EDM.
     """
     counted = _CountingScore(score_fn)
     dev = _device(generator, device)
@@ -215,17 +231,31 @@ def heun_sampler(
     # t(sigma) and s(t) for each level, in float64 (the inverse maps are smooth but steep near t = 0).
     ts = sde.noise_level_to_t(sigmas[:-1])
     scales = sde.mean_coeff(ts)
+    gamma_max = min(float(S_churn) / num_steps, math.sqrt(2.0) - 1.0) if S_churn > 0 else 0.0
+
+    def direction(x_hat, sigma: float, t: float, s: float):
+        # d x_hat / d sigma at level sigma: -sigma s score(s x_hat, t(sigma))
+        vec_t = torch.full((x_hat.shape[0],), t, device=x_hat.device, dtype=x_hat.dtype)
+        return -sigma * s * counted(s * x_hat, vec_t)
 
     def denoiser_direction(x_hat, j):
-        # d x_hat / d sigma at level j: -sigma_j s_j score(s_j x_hat, t_j)
-        t = torch.full((x_hat.shape[0],), float(ts[j]), device=x_hat.device, dtype=x_hat.dtype)
-        s = float(scales[j])
-        return -float(sigmas[j]) * s * counted(s * x_hat, t)
+        return direction(x_hat, float(sigmas[j]), float(ts[j]), float(scales[j]))
 
     x = torch.randn(tuple(shape), generator=generator, device=dev, dtype=dtype) * sigma_max
     for j in _progress(range(num_steps), progress, desc="heun"):
-        h = float(sigmas[j + 1] - sigmas[j])
-        d = denoiser_direction(x, j)
+        sigma_j = float(sigmas[j])
+        gamma = gamma_max if S_tmin <= sigma_j <= S_tmax else 0.0
+        if gamma > 0:  # Alg. 2 lines 4-6: churn, then the first derivative at the raised level sigma_hat
+            sigma_hat = torch.tensor([sigma_j * (1.0 + gamma)], dtype=torch.float64)
+            t_hat = sde.noise_level_to_t(sigma_hat)
+            s_hat = float(sde.mean_coeff(t_hat)[0])
+            sig_hat = float(sigma_hat[0])
+            x = x + math.sqrt(sig_hat**2 - sigma_j**2) * S_noise * _randn_like(x, generator)
+            d = direction(x, sig_hat, float(t_hat[0]), s_hat)
+            h = float(sigmas[j + 1] - sigma_hat[0])
+        else:  # Alg. 1 (kept literally so that no churn reproduces it bit for bit)
+            h = float(sigmas[j + 1] - sigmas[j])
+            d = denoiser_direction(x, j)
         x_next = x + h * d
         if j < num_steps - 1:  # 2nd-order correction, skipped for the step to sigma = 0
             d2 = denoiser_direction(x_next, j + 1)
@@ -300,10 +330,21 @@ def _ode(*, sde, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45", e
     return run
 
 
-def _heun(*, sde, num_steps: int = 18, rho: float = 7.0, eps: float = 1e-3):
+def _heun(*, sde, num_steps: int = 18, rho: float = 7.0, eps: float = 1e-3, S_churn: float = 0.0,
+          S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0):
     def run(score_fn, shape, generator, device, progress):
-        return heun_sampler(sde, score_fn, shape, num_steps=num_steps, rho=rho, eps=eps, generator=generator,
-                            device=device, progress=progress)[0]
+        return heun_sampler(sde, score_fn, shape, num_steps=num_steps, rho=rho, eps=eps, S_churn=S_churn,
+                            S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, generator=generator, device=device,
+                            progress=progress)[0]
+    return run
+
+
+def _dpm_solver(*, sde, steps: int = 20, eps: float = 1e-3, skip_type: str = "logSNR",
+                lower_order_final: bool = True):
+    def run(score_fn, shape, generator, device, progress):
+        return dpm_solver_pp_2m(sde, score_fn, shape, steps=steps, eps=eps, skip_type=skip_type,
+                                lower_order_final=lower_order_final, generator=generator, device=device,
+                                progress=progress)[0]
     return run
 
 
@@ -314,6 +355,7 @@ _SAMPLERS = {
     "pc": (_pc, "time"),
     "ode": (_ode, "time"),
     "heun": (_heun, "time"),
+    "dpm_solver": (_dpm_solver, "time"),
 }
 
 
@@ -338,7 +380,8 @@ def _sampler_key(name: str) -> str:
 
 def get_sampler(name: str, **settings) -> Sampler:
     """A configured :class:`Sampler` by name: ``annealed_langevin`` / ``langevin`` (settings ``sigmas``,
-    ``n_steps_each``, ``step_lr``, …), ``pc`` / ``ode`` / ``heun`` (setting ``sde`` and the solver's own).
+    ``n_steps_each``, ``step_lr``, …), ``pc`` / ``ode`` / ``heun`` / ``dpm_solver`` (setting ``sde`` and the
+    solver's own).
 
     Unknown settings raise ``TypeError`` naming them; :func:`sampler_settings` lists the accepted ones.
     """

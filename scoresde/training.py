@@ -101,6 +101,8 @@ class TrainConfig:
     ``compile``: ``torch.compile`` the model for the training forward (default off).
     ``handle_signals``: on SIGTERM/SIGINT write a checkpoint at the next step and stop.
     ``ddp_find_unused_parameters``: passed to DistributedDataParallel (models with unused branches).
+    ``ema_warmup``: score_sde's EMA warm-up, decay_n = min(``ema_decay``, (1 + n) / (10 + n)) at the n-th
+    update (:class:`scoresde.ema.EMA`); a resumed run continues the count saved in its checkpoint.
     """
 
     steps: int
@@ -124,6 +126,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     handle_signals: bool = True
     ddp_find_unused_parameters: bool = False
+    ema_warmup: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -164,7 +167,7 @@ class TrainConfig:
             raise bad("channels_last", "true, false or 'auto'")
         if not isinstance(self.optimizer_impl, str) or self.optimizer_impl not in OPTIMIZER_IMPLS:
             raise bad("optimizer_impl", one_of(OPTIMIZER_IMPLS))
-        for name in ("amp", "compile", "handle_signals", "ddp_find_unused_parameters"):
+        for name in ("amp", "compile", "handle_signals", "ddp_find_unused_parameters", "ema_warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a boolean")
 
@@ -274,7 +277,7 @@ def train(
         if found is not None:
             path, ckpt = found
             model.load_state_dict(ckpt["model"])
-            ema = EMA(model, config.ema_decay)
+            ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
             ema.load_state_dict(ckpt["ema"])
             optimizer.load_state_dict(with_optimizer_impl(ckpt["optimizer"], optimizer))
             if use_scaler and ckpt.get("scaler"):
@@ -287,7 +290,7 @@ def train(
                 logger.info("resuming from %s (step %d of %d)", path, start_step, config.steps)
             del ckpt, found
         else:
-            ema = EMA(model, config.ema_decay)
+            ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
             # Fresh start: a reproducible global stream (dropout etc.), distinct per rank.
             torch.manual_seed(derive_seed(config.seed, STREAM_GLOBAL, rank))
             start_step, resumed_from, curve = 0, None, _LossCurve(pending_first_step=1)

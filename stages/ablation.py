@@ -4,7 +4,9 @@ The article keeps L = 10 noise levels, log-spaced from σ_begin, and varies σ_e
 For one σ_end (`python -m stages.ablation --sigma-end 0.01`): σ_1 = σ_begin (data/noise/schedule.json) >
 … > σ_L = σ_end; a short NCSN trained on them (`ablation.train`, train.ncsn-shaped; checkpoints in
 checkpoints/ablation_<σ_end>/), sampled with annealed Langevin (`ablation.sample`, sample.ncsn-shaped),
-scored by FID / KID -> reports/metrics/ablation_<σ_end>.json and a grid of samples.
+scored by FID / KID -> reports/metrics/ablation_<σ_end>.json and a grid of samples. Batch i is drawn from
+seed + i and kept in checkpoints/samples/ablation_<σ_end>/ until the outputs are written: a rerun after a
+crash resumes training from its last checkpoint and draws only the missing batches (same metrics).
 
 The default sampler has `denoise: false`, as NCSN (2019) had: the final Tweedie step would remove most of
 the σ_L-sized noise and hide part of the effect. ε (`step_lr`) is fixed across σ_end, as in the article:
@@ -27,7 +29,7 @@ def run(params: dict, run, args) -> None:
     import torch
 
     from pipeline.figures import panels
-    from pipeline.generation import generate
+    from pipeline.generation import discard_batches, generate, resume_dir
     from pipeline.io import file_md5, fingerprint
     from pipeline.quality import describe, sample_quality
     from pipeline.schedule import ablation_schedule
@@ -49,22 +51,24 @@ def run(params: dict, run, args) -> None:
     if scfg["use_ema"] and ema is not None:
         ema.copy_to(model)
     model.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    x, nfe, seconds = generate("ncsn", model, scfg, schedule, scfg["n"], device, g, cfg["centered"])
+    where = resume_dir(f"ablation_{value}", "annealed_langevin", model, scfg, schedule, scfg["n"], seed, device)
+    x, nfe, seconds = generate("ncsn", model, scfg, schedule, scfg["n"], device, None, cfg["centered"], seed=seed,
+                               resume_dir=where)
     metrics = sample_quality(x, seed, device)
 
     out = {**metrics, "sigma_end": sigma_end, "sigma_begin": schedule["sigma_begin"], "num_levels": p["num_levels"],
-           "nfe": nfe, "seconds": seconds, "train_steps": result.steps_done, "train_seconds": result.seconds,
+           "nfe": nfe, "seconds": seconds, "train_steps": result.final_step, "train_seconds": result.seconds,
            "final_loss": final_loss(result.losses), "sampler": scfg["sampler"],
            "checkpoint": "ema" if scfg["use_ema"] else "raw"}
     panels({value: x}, {value: f"σ_end = {value} (σ_begin = {schedule['sigma_begin']:.3g}, L = {p['num_levels']})"
                                f"\n{describe(metrics)}"}, p["n_show"], "", figure_path(value), width=5.0, height=5.4)
     write_json(metrics_path(value), out)
+    discard_batches(f"ablation_{value}")  # the outputs are written: the kept batches are spent
     run.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float)) and v is not None})
     run.set_tags({"sigma_end": value, "sampler": scfg["sampler"], "checkpoint": out["checkpoint"]})
     run.log_artifact(metrics_path(value), "metrics")
     run.log_artifact(figure_path(value), "figures")
-    print(f"[ablation@{value}] {describe(metrics)} ({result.steps_done} training steps in {result.seconds:.1f} s; "
+    print(f"[ablation@{value}] {describe(metrics)} ({result.final_step} training steps in {result.seconds:.1f} s; "
           f"{nfe} NFE in {seconds:.1f} s)", flush=True)
 
 

@@ -11,6 +11,8 @@ evaluations and the same Uniform[0, 1] starting images:
 The article reports that without annealing the images have the global structure but lack detail and
 variety; here that is measured by FID / KID against the cached real-data reference ->
 reports/metrics/annealing.json, and shown side by side in reports/figures/annealing.png.
+Batch i of both samplers starts from seed + i; finished batches are kept in checkpoints/samples/annealing/
+until the outputs are written, so a rerun after a crash draws only the missing ones (same metrics).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ SCHEMA = {**COMMON, "annealing": Section({
 def run(params: dict, run, args) -> None:
     from pipeline.figures import panels
     from pipeline.comparison import sample_and_score
-    from pipeline.generation import load_trained
+    from pipeline.generation import discard_batches, load_trained
     from pipeline.quality import describe
     from scoresde.distributed import resolve_device
 
@@ -60,6 +62,7 @@ def run(params: dict, run, args) -> None:
            f"NCSN samples, {p['n_steps_each'] * len(sigmas)} Langevin steps each "
            f"({'EMA' if p['use_ema'] else 'raw'} weights)", FIGURE, width=5.0, height=5.4)
     write_json(METRICS, results)
+    discard_batches("annealing")  # the outputs are written: the kept batches are spent
     run.set_tags({"checkpoint": "ema" if p["use_ema"] else "raw", "fixed_sigma": sigma_fixed})
     run.log_artifact(METRICS, "metrics")
     run.log_artifact(FIGURE, "figures")

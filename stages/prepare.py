@@ -29,6 +29,7 @@ def run(params: dict, run, args) -> None:
     print(f"[prepare] {p['dataset']}: {counts} examples of shape {shape} -> {OUT}")
     run.log_metrics({"n_train": counts["train"], "n_test": counts["test"]})
     run.set_tags({"dataset": p["dataset"], "data_shape": shape})
+    run.log_dataset(OUT, p["dataset"])
 
 
 main = stage_main("prepare", SCHEMA, run)

@@ -28,6 +28,8 @@ def run(params: dict, run, args) -> None:
     run.log_metrics({"report_kib": size_kb})
     run.log_artifact(str(page), "report")
     run.log_artifact(str(md), "report")
+    for path in (page, md):  # also on the reproduction's parent run
+        run.log_to_parent(path, "report")
 
 
 main = stage_main("report", SCHEMA, run)

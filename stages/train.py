@@ -1,7 +1,7 @@
-"""Stage `train@{ncsn,ve,vp,subvp}`: fit one score model.
+"""Stage `train@{ncsn,ve,vp,subvp,edm}`: fit one score model.
 
 NCSN: discrete geometric σ's from the schedule with denoising score matching; VE / VP / subVP: the
-continuous-time objective (pipeline.trainer). EMA weights, atomic checkpoints every `ckpt_every` steps in
+continuous-time objective; EDM: the preconditioned denoiser with EDM's loss (pipeline.trainer). EMA weights, atomic checkpoints every `ckpt_every` steps in
 checkpoints/<kind>/, resumed from the newest valid one after an interruption; the loss curve is a DVC
 plot and an MLflow metric history. Runs under `torchrun --nproc_per_node N` as DDP.
 """
@@ -18,7 +18,7 @@ DATA = "data/prepared/data.parquet"
 
 def run(params: dict, run, args) -> None:
     from pipeline.io import file_md5, fingerprint
-    from pipeline.trainer import final_loss, train_model, what_is_trained, write_loss_curve
+    from pipeline.trainer import final_loss, model_config, train_model, what_is_trained, write_loss_curve
     from scoresde.checkpoint import save_model
     from scoresde.data import load_prepared
     from scoresde.distributed import resolve_device
@@ -33,7 +33,7 @@ def run(params: dict, run, args) -> None:
     model, ema, result = train_model(kind, cfg, schedule, data.x, device, run, f"checkpoints/{kind}", fp, seed=seed)
     if not is_rank_zero():
         return
-    info = {"kind": kind, "centered": cfg["centered"], "model": {k: v for k, v in cfg["model"].items() if v is not None},
+    info = {"kind": kind, "centered": cfg["centered"], "model": model_config(kind, cfg, schedule),
             "data_shape": list(data.x.shape[1:]), "dataset": data.meta.get("dataset"), "steps": result.final_step,
             "fingerprint": fp, "seed": seed}
     save_model(f"models/{kind}.pt", model, ema, info)
@@ -44,6 +44,8 @@ def run(params: dict, run, args) -> None:
     run.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
     run.log_artifact(f"reports/metrics/train_{kind}.json", "metrics")
     run.log_artifact(f"reports/plots/loss_{kind}.csv", "plots")
+    run.log_dataset(DATA, data.meta.get("dataset"))
+    run.log_model(f"models/{kind}.pt", kind)  # registered as scoresde-<kind>
     print(f"[train@{kind}] {result.final_step} steps in {result.seconds:.1f} s, final loss {metrics['final_loss']:.4g}"
           + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
 

@@ -229,7 +229,7 @@ def test_ablation_stage_and_summary_on_a_tiny_model(toy_workspace):
         assert Path(figure_path(str(v))).exists()
     ablation_summary.run(params, NullRun(), None)
     lines = Path(PLOT).read_text().splitlines()
-    assert lines[0].startswith("sigma_end,fid,kid")
+    assert lines[0].startswith("sigma_end,fid,fid_std,kid")
     assert [float(l.split(",")[0]) for l in lines[1:]] == [0.1, 0.01]
     assert Path(SUMMARY_FIGURE).exists()
 
@@ -239,20 +239,21 @@ def test_samplers_configs_and_table():
     from stages import samplers
 
     p = default_params(samplers.SCHEMA)["samplers"]
-    configs, skipped = cost.method_configs(p)
+    configs, skipped = cost.method_configs(p, "ve")
     assert configs["reverse_diffusion"]["corrector"] == "none"
     assert configs["pc"]["steps"] == 1000
     assert configs["heun"]["num_steps"] == 18 and not skipped
-    _, skipped = cost.method_configs({**p, "sde": "vp"})
+    _, skipped = cost.method_configs(p, "vp")
     assert set(skipped) == {"annealed_langevin"}
-    rows = cost.table_rows({"heun": {"fid_digits_cnn_n200": 10.0, "kid_digits_cnn_n200": 0.1,
-                                     "kid_std_digits_cnn_n200": 0.01, "nfe": 35, "seconds": 1.5,
-                                     "seconds_per_1000": 7.5, "extractors": ["digits_cnn"], "n": 200},
-                            "annealed_langevin": {"skipped": "needs VE"}})
+    rows = cost.table_rows({"heun": {"fid_digits_cnn_n200": 10.0, "fid_digits_cnn_n200_std": 0.5,
+                                     "kid_digits_cnn_n200": 0.1, "kid_std_digits_cnn_n200": 0.01, "nfe": 35,
+                                     "seconds": 1.5, "seconds_per_1000": 7.5, "extractors": ["digits_cnn"], "n": 200},
+                            "annealed_langevin": {"skipped": "needs VE"}}, "ve")
     assert rows[0]["fid"] == 10.0 and rows[0]["kid"] == 0.1 and rows[0]["nfe"] == 35
+    assert rows[0]["fid_std"] == 0.5 and rows[0]["model"] == "ve"
     assert rows[0]["metric"] == "fid_digits_cnn_n200"
     table = cost.markdown_table(rows, "ve", 200)
-    assert "| heun | 10 | 0.1 | 35 | 1.5 |" in table and "skipped" in table
+    assert "| heun | 10 ± 0.5 | 0.1 | 35 | 1.5 |" in table and "skipped" in table
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["samplers"]["run"] = ["pc", "euler"]
     with pytest.raises(ParamsError, match=r"samplers.run\[1\]"):
@@ -261,20 +262,25 @@ def test_samplers_configs_and_table():
 
 @pytest.mark.parametrize("sde", ["ve", "vp"])
 def test_samplers_stage_on_a_tiny_model(toy_workspace, sde):
+    from argparse import Namespace
+
     from stages import samplers
 
     params = default_params(samplers.SCHEMA)
     p = params["samplers"]
-    p.update(sde=sde, n=16, batch_size=16, device="cpu")
+    p.update(models=[sde], n=16, batch_size=16, device="cpu")
+    p["dpm_solver_10"]["steps"] = 3
+    p["dpm_solver_20"]["steps"] = 4
     p["pc"]["steps"] = 10
     p["reverse_diffusion"]["steps"] = 10
     p["ode"].update(rtol=1e-3, atol=1e-3)
     p["heun"]["num_steps"] = 4
     p["annealed_langevin"]["n_steps_each"] = 2
-    samplers.run(params, NullRun(), None)
-    m = json.loads(Path(samplers.METRICS).read_text())
+    samplers.run(params, NullRun(), Namespace(sde=sde))
+    m = json.loads(Path(samplers.METRICS.format(sde)).read_text())
     assert m["sde"] == sde
     assert m["pc"]["nfe"] == 20 and m["reverse_diffusion"]["nfe"] == 10 and m["heun"]["nfe"] == 7
+    assert m["dpm_solver_10"]["nfe"] == 3 and m["dpm_solver_20"]["nfe"] == 4
     assert m["ode"]["nfe"] > 0
     for name in ("pc", "reverse_diffusion", "ode", "heun"):
         assert m[name]["seconds"] >= 0 and "sliced_wasserstein_n16" in m[name]
@@ -282,8 +288,8 @@ def test_samplers_stage_on_a_tiny_model(toy_workspace, sde):
         assert m["annealed_langevin"]["nfe"] == 4 * 2 + 1
     else:
         assert "skipped" in m["annealed_langevin"]
-    assert Path(samplers.TABLE).read_text().startswith(f"# Samplers on the {sde.upper()} model")
-    assert Path(samplers.FIGURE).exists() and Path(samplers.PLOT).exists()
+    assert Path(samplers.TABLE.format(sde)).read_text().startswith(f"# Samplers on the {sde.upper()} model")
+    assert Path(samplers.FIGURE.format(sde)).exists() and Path(samplers.PLOT.format(sde)).exists()
 
 
 def test_quality_metrics_on_images_uses_the_cached_reference(tmp_path):
@@ -305,8 +311,10 @@ def test_quality_metrics_on_images_uses_the_cached_reference(tmp_path):
     fd.save_references(tmp_path / "ref.npz", [ref], kind=np.array("image"), dataset=np.array("digits"),
                        shape=np.array([1, 8, 8]), extractor_message=np.array(""), inception_weights=np.array(""))
     same = quality_metrics(x, 0, "cpu", reference=str(tmp_path / "ref.npz"), classifier=str(tmp_path / "classifier.pt"))
-    assert set(same) == {"fid_digits_cnn_n64", "kid_digits_cnn_n64", "kid_std_digits_cnn_n64", "extractors", "n"}
+    assert set(same) == {"fid_digits_cnn_n64", "fid_digits_cnn_n64_std", "kid_digits_cnn_n64", "kid_std_digits_cnn_n64",
+                         "extractors", "n"}
     assert same["extractors"] == ["digits_cnn"] and same["n"] == 64
+    assert 0 <= same["fid_digits_cnn_n64_std"]  # bootstrap spread of a set against itself: small, not negative
     # An untrained extractor's features are tiny (trace of their covariance ~1e-4): judge FIDs on that scale.
     spread = float(np.trace(ref.sigma))
     assert abs(same["fid_digits_cnn_n64"]) < 1e-6 * spread

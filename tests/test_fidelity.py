@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -132,11 +131,9 @@ def test_inception_falls_back_to_the_classifier_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(inc, "URL_INCEPTION_V3", UNREACHABLE)
-    t0 = time.perf_counter()
     ok, weights, message = fd.resolve_inception(None, download=True)
     assert not ok and weights is None
     assert "download failed" in message and "URLError" in message and "falling back" in message
-    assert time.perf_counter() - t0 < 30
     ok, _, message = fd.resolve_inception(str(tmp_path / "missing.pth"))
     assert not ok and "does not exist" in message
     bad = tmp_path / "bad.pth"

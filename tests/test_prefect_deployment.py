@@ -6,7 +6,8 @@ Everything is started and stopped here, bound to 127.0.0.1 on free ports, offlin
 ``prefect worker start --run-once``. MLflow logs to a SQLite file in the test's tmp directory.
 
 1. The ``local`` deployment runs the whole synthetic pipeline: the flow run completes, ``dvc status``
-   is clean, and MLflow holds the parent run with one nested run per stage.
+   is clean, MLflow holds the parent run with one nested run per stage, and the flow run carries its
+   Prefect artifacts (stage table, report summary, MLflow parent run).
 2. Two workers on two clones sharing one DVC directory remote: worker A runs ``work`` (and its
    upstream) and pushes; worker B pulls/restores those and runs only the downstream ``report``.
 """
@@ -135,6 +136,16 @@ def flow_run_state(flow_run_id) -> tuple[str, str]:
     return state.type.value, state.message or ""
 
 
+def read_artifacts(flow_run_id) -> dict:
+    """The keyed Prefect artifacts of a flow run, by key."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found if a.key}
+
+
 def create_pool(server: dict, name: str, cwd: Path) -> None:
     prefect_cli(server, "work-pool", "create", name, "--type", "process", cwd=cwd)
 
@@ -184,6 +195,16 @@ def test_local_deployment_on_a_process_worker(api, tmp_path):
     record = json.loads((project / "reports" / "report.json").read_text())
     assert record["parent_run_id"] == parent["run_id"]
 
+    # the flow run's Prefect artifacts: stage table, report (a summary: this project has no report.md),
+    # and the MLflow parent run (a local sqlite store: its coordinates, not a link)
+    artifacts = read_artifacts(flow_run.id)
+    assert {"scoresde-stages", "scoresde-report", "scoresde-mlflow-run"} <= set(artifacts), list(artifacts)
+    rows = json.loads(artifacts["scoresde-stages"].data)
+    assert [(r["stage"], r["action"], r["attempts"]) for r in rows] == [
+        ("prepare", "ran", 1), ("work@a", "ran", 1), ("work@b", "ran", 1), ("report", "ran", 1)]
+    assert "No Markdown report" in artifacts["scoresde-report"].data
+    assert parent["run_id"] in artifacts["scoresde-mlflow-run"].data
+
     # the `gpu` tag concurrency limit (1) kept the two gpu-tagged stages apart
     a, b = (json.loads((project / "data" / f"work_{i}.json").read_text()) for i in "ab")
     assert min(a["end"], b["end"]) <= max(a["start"], b["start"]) + 0.05, (a, b)
@@ -222,9 +243,10 @@ def test_two_workers_exchange_stages_through_a_dvc_remote(api, tmp_path):
 
 
 def test_real_pipeline_on_tiny_params_through_the_local_deployment(api, tmp_path):
-    """This repository's own 24-stage pipeline (tiny params), deployed from its prefect.yaml and run by a
+    """This repository's own pipeline (all its stages, tiny params), deployed from its prefect.yaml and run by a
     real process worker: the run completes, every stage is recorded in dvc.lock (`dvc status` clean, a
-    second `dvc repro` is a no-op) and MLflow holds one parent run with a nested run per stage."""
+    second `dvc repro` is a no-op), MLflow holds one parent run with a nested run per stage, and the
+    flow run's report artifact is the pipeline's reports/report.md."""
     from prefect.deployments import run_deployment
 
     spec = importlib.util.spec_from_file_location("pipeline_e2e", ROOT / "tests" / "test_pipeline_e2e.py")
@@ -261,5 +283,15 @@ def test_real_pipeline_on_tiny_params_through_the_local_deployment(api, tmp_path
     assert parents.iloc[0]["tags.prefect.flow_run_id"] == str(flow_run.id)
     children = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(children["tags.dvc_stage"]) == set(lock) and len(lock) == 24
+    from pipeline.dvcgraph import load_pipeline
+
+    assert set(lock) == set(load_pipeline(repo).stages) and len(lock) >= 24  # every stage of the pipeline
+    assert set(children["tags.dvc_stage"]) == set(lock)
     assert (children["status"] == "FINISHED").all()
+
+    # Prefect artifacts: every stage ran once, and the report artifact is the pipeline's reports/report.md
+    artifacts = read_artifacts(flow_run.id)
+    rows = json.loads(artifacts["scoresde-stages"].data)
+    assert {r["stage"] for r in rows} == set(lock) and {(r["action"], r["attempts"]) for r in rows} == {("ran", 1)}
+    assert artifacts["scoresde-report"].data.strip() == (repo / "reports" / "report.md").read_text().strip()
+    assert parents.iloc[0]["run_id"] in artifacts["scoresde-mlflow-run"].data

@@ -47,9 +47,10 @@ def _png(color: str = "#4c72b0") -> bytes:
     return buf.getvalue()
 
 
-def _quality(fid: float, kid: float, kid_std: float = 0.2, n: int = N) -> dict:
+def _quality(fid: float, kid: float, kid_std: float = 0.2, n: int = N, fid_std: float = 1.0) -> dict:
     keys = quality_keys(EXT, n)
-    return {keys["fid"]: fid, keys["kid"]: kid, keys["kid_std"]: kid_std, "extractors": [EXT], "n": n}
+    return {keys["fid"]: fid, keys["fid_std"]: fid_std, keys["kid"]: kid, keys["kid_std"]: kid_std,
+            "extractors": [EXT], "n": n}
 
 
 def _flat_numbers(data: dict, prefix: str = "") -> dict[str, float]:
@@ -124,7 +125,7 @@ def _full_group() -> dict[str, dict]:
                                   "train_steps": 400}, "tags": {"sigma_end": "0.1"}},
         "ablation@0.01": {"json": {**_quality(45.0, 2.0), "sigma_end": 0.01, "nfe": 200, "seconds": 5.0,
                                    "train_steps": 400}, "tags": {"sigma_end": "0.01"}},
-        "samplers": {"sde": "ve", "json": {
+        "samplers@ve": {"sde": "ve", "json": {
             "sde": "ve", "checkpoint": "ema",
             "pc": {**_quality(40.0, 2.5), "nfe": 1000, "seconds": 20.0, "seconds_per_1000": 40.0, "sampler": "pc"},
             "ode": {**_quality(48.0, 3.5), "nfe": 140, "seconds": 4.0, "seconds_per_1000": 8.0, "sampler": "ode"},
@@ -194,14 +195,16 @@ def test_report_tables_equal_the_json(store):
     # The newest group is the report's own; unchanged stages are carried over and marked.
     assert "| run group | repro-new |" in text and "| git commit | repro-new-commit |" in text
     models = t["Per-model sample quality (evaluate@{kind})/model"]
-    assert models[0][:6] == ["model", "extractor", "n", "fid", "kid", "kid_std"]
+    assert models[0][:7] == ["model", "extractor", "n", "fid", "fid_std", "kid", "kid_std"]
     ve, vp = new["evaluate@ve"]["json"], old["evaluate@vp"]["json"]
     keys400 = quality_keys(EXT, 400)
-    assert row(models, "ve")[:11] == ["ve", EXT, "400", fmt(ve[keys400["fid"]]), fmt(ve[keys400["kid"]]),
+    assert row(models, "ve")[:12] == ["ve", EXT, "400", fmt(ve[keys400["fid"]]), fmt(ve[keys400["fid_std"]]),
+                                      fmt(ve[keys400["kid"]]),
                                       fmt(ve[keys400["kid_std"]]), fmt(ve["nfe"]), fmt(ve["seconds"]), "pc", "ema",
                                       "digits"]
-    assert row(models, "vp")[:8] == ["vp", EXT + CARRIED, f"{N}{CARRIED}"] + [
-        fmt(vp[name]) + CARRIED for name in (KEYS["fid"], KEYS["kid"], KEYS["kid_std"], "nfe", "seconds")]
+    assert row(models, "vp")[:9] == ["vp", EXT + CARRIED, f"{N}{CARRIED}"] + [
+        fmt(vp[name]) + CARRIED for name in (KEYS["fid"], KEYS["fid_std"], KEYS["kid"], KEYS["kid_std"], "nfe",
+                                             "seconds")]
     assert row(models, "vp")[-1] == "repro-old (earlier)"
     assert all(c == NOT_RUN for c in row(models, "ncsn")[1:]) and all(c == NOT_RUN for c in row(models, "subvp")[1:])
     assert "| ve | 75* | 0.3* | 5.5* |" in text          # train_ve.json: steps, final_loss, seconds
@@ -224,8 +227,8 @@ def test_report_tables_equal_the_json(store):
     fig4 = t["Figure 4: ablation of the smallest noise level sigma_end (ablation)/sigma_end"]
     assert [r[0] for r in fig4[1:]] == ["0.1", "0.01", "0.001"]
     assert row(fig4, "0.1")[3] == "90*" and all(c == NOT_RUN for c in row(fig4, "0.001")[1:])
-    smp = t["Samplers: quality against compute (samplers)/sampler"]
-    heun = old["samplers"]["json"]["heun"]
+    smp = t["Samplers: quality against compute (samplers@{model})/sampler"]
+    heun = old["samplers@ve"]["json"]["heun"]
     assert row(smp, "heun")[:4] == ["heun", EXT + CARRIED, f"{N}{CARRIED}", fmt(heun[KEYS["fid"]]) + CARRIED]
     assert row(smp, "heun")[-3:] == [fmt(heun["nfe"]) + CARRIED, fmt(heun["seconds"]) + CARRIED,
                                      fmt(heun["seconds_per_1000"]) + CARRIED]
@@ -242,7 +245,7 @@ def test_report_tables_equal_the_json(store):
     # Comparison: both groups; the change is computed from the numbers, not from the cells.
     assert f"| evaluate@ve | {keys400['fid']} | 30.25 | {NOT_RUN} |" in text
     assert f"| evaluate@ve | {KEYS['fid']} | {NOT_RUN} | 41.5 |" in text
-    assert f"| samplers | heun: {KEYS['fid']} | 47* | 47 | 0 |" in text
+    assert f"| samplers@ve | heun: {KEYS['fid']} | 47* | 47 | 0 |" in text
     assert f"| classifier | accuracy | {fmt(0.976)}* | {fmt(0.976)} | 0 |" in text
 
 

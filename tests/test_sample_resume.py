@@ -48,3 +48,24 @@ def test_crash_mid_sampling_then_rerun_equals_uninterrupted(tmp_path, monkeypatc
     x, _, _ = generate("ncsn", model, CFG, SCHEDULE, 6, torch.device("cpu"), None, False, seed=3, resume_dir=tmp_path)
     assert len(calls) == 1, "only the unfinished batch is drawn again"
     assert torch.equal(x, ref)
+
+
+def test_one_batch_is_the_draw_of_the_shared_generator():
+    """Batch 0 draws from seed + 0: a one-batch run (every default experiment) gives the samples the shared
+    generator seeded ``seed`` gave before per-batch seeds, so the committed numbers do not move."""
+    model, cpu = _model(), torch.device("cpu")
+    cfg = {**CFG, "batch_size": 4}
+    shared, _, _ = generate("ncsn", model, cfg, SCHEDULE, 4, cpu, torch.Generator().manual_seed(5), False)
+    per_batch, _, _ = generate("ncsn", model, cfg, SCHEDULE, 4, cpu, None, False, seed=5)
+    assert torch.equal(shared, per_batch)
+
+
+def test_seconds_count_kept_batches_with_the_time_they_took(tmp_path):
+    from scoresde.checkpoint import safe_load
+
+    model, cpu = _model(), torch.device("cpu")
+    _, _, seconds = generate("ncsn", model, CFG, SCHEDULE, 4, cpu, None, False, seed=3, resume_dir=tmp_path)
+    kept = [safe_load(p)["seconds"] for p in sorted(tmp_path.glob("batch_*.pt"))]
+    assert len(kept) == 2 and seconds == pytest.approx(sum(kept))
+    _, _, again = generate("ncsn", model, CFG, SCHEDULE, 4, cpu, None, False, seed=3, resume_dir=tmp_path)
+    assert again == pytest.approx(seconds), "a resumed run reports the sampling time of all its samples"

@@ -141,3 +141,107 @@ def test_get_sde_registry():
     assert get_sde("vp").T == 1
     with pytest.raises(ValueError):
         get_sde("nope")
+
+
+# ----------------------------------------------------------------------------- closed-form coefficients
+TS = torch.tensor([0.0, 1e-3, 0.1, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+
+
+def _coefficients(sde, t):
+    """Mean factor s(t) and std(t) of p_0t from marginal_prob; drift factor and g(t) from sde()."""
+    ones = torch.ones(t.shape[0], 1, dtype=torch.float64)
+    mean, std = sde.marginal_prob(ones, t)
+    drift, g = sde.sde(ones, t)
+    return mean[:, 0], std, drift[:, 0], g
+
+
+@pytest.mark.parametrize("beta_min, beta_max", [(0.1, 20.0), (0.5, 5.0), (1.0, 1.0)])
+def test_vp_coefficients_in_closed_form(beta_min, beta_max):
+    sde = sde_lib.VPSDE(beta_min=beta_min, beta_max=beta_max)
+    s, std, f, g = _coefficients(sde, TS)
+    log_mean = -0.25 * TS**2 * (beta_max - beta_min) - 0.5 * TS * beta_min  # -B(t)/2
+    beta = beta_min + TS * (beta_max - beta_min)
+    assert torch.allclose(s, torch.exp(log_mean), rtol=1e-12, atol=0)
+    assert torch.allclose(std, torch.sqrt(1 - torch.exp(2 * log_mean)), rtol=1e-10, atol=1e-15)
+    assert torch.allclose(f, -0.5 * beta, rtol=1e-12) and torch.allclose(g, torch.sqrt(beta), rtol=1e-12)
+    assert torch.allclose(sde.noise_level(TS), torch.sqrt(torch.exp(-2 * log_mean) - 1), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("beta_min, beta_max", [(0.1, 20.0), (0.5, 5.0)])
+def test_subvp_coefficients_in_closed_form(beta_min, beta_max):
+    sde = sde_lib.SubVPSDE(beta_min=beta_min, beta_max=beta_max)
+    s, std, f, g = _coefficients(sde, TS)
+    log_mean = -0.25 * TS**2 * (beta_max - beta_min) - 0.5 * TS * beta_min
+    beta = beta_min + TS * (beta_max - beta_min)
+    assert torch.allclose(s, torch.exp(log_mean), rtol=1e-12, atol=0)
+    assert torch.allclose(std, 1 - torch.exp(2 * log_mean), rtol=1e-10, atol=1e-15)  # std, not variance
+    assert torch.allclose(f, -0.5 * beta, rtol=1e-12)
+    assert torch.allclose(g, torch.sqrt(beta * (1 - torch.exp(4 * log_mean))), rtol=1e-10, atol=1e-15)
+    # sub-VP's variance is bounded by VP's at every t (Song et al., 2021, Sec. 3.4)
+    _, vp_std, _, _ = _coefficients(sde_lib.VPSDE(beta_min=beta_min, beta_max=beta_max), TS)
+    assert torch.all(std**2 <= vp_std**2 + 1e-15)
+
+
+@pytest.mark.parametrize("sigma_min, sigma_max", [(0.01, 50.0), (0.002, 80.0), (0.1, 1.0)])
+def test_ve_coefficients_in_closed_form(sigma_min, sigma_max):
+    sde = sde_lib.VESDE(sigma_min=sigma_min, sigma_max=sigma_max)
+    s, std, f, g = _coefficients(sde, TS)
+    sigma = sigma_min * (sigma_max / sigma_min) ** TS
+    assert torch.all(s == 1) and torch.all(f == 0)
+    assert torch.allclose(std, sigma, rtol=1e-12)
+    assert torch.allclose(g, sigma * math.sqrt(2 * math.log(sigma_max / sigma_min)), rtol=1e-12)
+    expected = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), sde.N, dtype=torch.float64))
+    assert torch.allclose(sde.discrete_sigmas.double(), expected, rtol=1e-6)  # stored as float32
+
+
+@pytest.mark.parametrize("name", SDES)
+def test_marginals_solve_the_moment_equations(name):
+    """For dx = f(t) x dt + g(t) dw the kernel's mean factor and variance solve s' = f s and v' = 2 f v + g²
+    (VE's std omits the constant -σ_min², which the derivative does not see)."""
+    sde = get_sde(name)
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    h = 1e-6
+    s_hi, std_hi, _, _ = _coefficients(sde, t + h)
+    s_lo, std_lo, _, _ = _coefficients(sde, t - h)
+    s, std, f, g = _coefficients(sde, t)
+    ds = (s_hi - s_lo) / (2 * h)
+    dv = (std_hi**2 - std_lo**2) / (2 * h)
+    assert torch.allclose(ds, f * s, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(dv, 2 * f * std**2 + g**2, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", SDES)
+def test_probability_flow_of_a_gaussian_keeps_the_marginal_variance(name):
+    """Data N(0, s0² I): p_t = N(0, Σ(t) I), Σ = s(t)² s0² + std(t)², score -x/Σ. The probability-flow drift
+    a(t) x must then satisfy Σ' = 2 a Σ, and the reverse SDE's drift a' x (run with dt < 0, noise g dw̄):
+    Σ(t - δ) = Σ - 2 a' Σ δ + g² δ, i.e. Σ' = 2 a' Σ - g²."""
+    sde = get_sde(name)
+    s0 = 0.7
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    h = 1e-6
+
+    def sigma2(tt):
+        s, std, _, _ = _coefficients(sde, tt)
+        return s**2 * s0**2 + std**2
+
+    var = sigma2(t)
+    dvar = (sigma2(t + h) - sigma2(t - h)) / (2 * h)
+    x = torch.ones(t.shape[0], 1, dtype=torch.float64)
+    score = lambda x_, t_: -x_ / sigma2(t_)[:, None]  # noqa: E731
+    a_ode = sde.reverse(score, probability_flow=True).sde(x, t)[0][:, 0]
+    a_rev, g_rev = sde.reverse(score).sde(x, t)
+    assert torch.allclose(dvar, 2 * a_ode * var, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(dvar, 2 * a_rev[:, 0] * var - g_rev**2, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", SDES)
+def test_prior_logp_in_closed_form(name):
+    sde = get_sde(name)
+    sigma = sde.sigma_max if name == "ve" else 1.0
+    z = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]], dtype=torch.float64) * sigma
+    sq = (z**2).sum(dim=1)
+    expected = -1.5 * math.log(2 * math.pi * sigma**2) - sq / (2 * sigma**2)
+    assert torch.allclose(sde.prior_logp(z), expected, rtol=1e-12)
+    # and p_T is the marginal at T: VE's std reaches sigma_max, VP's mean factor e^{-B(1)/2} is ~4e-3
+    s, std, _, _ = _coefficients(sde, torch.ones(1, dtype=torch.float64))
+    assert math.isclose(float(std[0]), sigma, rel_tol=1e-2 if name != "ve" else 1e-12)

@@ -114,7 +114,7 @@ def test_build_schedule_num_levels_auto():
     explicit = build_schedule({**p, "num_levels": 7}, x)
     assert explicit["num_levels"] == 7 and explicit["num_levels_source"] == "params"
     assert set(explicit) == {"sigma_begin", "sigma_begin_source", "sigma_end", "num_levels", "num_levels_source",
-                             "sigmas", "ve", "vp", "subvp", "data_shape"}
+                             "sigmas", "ve", "vp", "subvp", "edm", "data_shape"}
 
 
 def test_build_schedule_num_levels_auto_low_dim_names_field():
