@@ -114,8 +114,8 @@ def test_reference_is_read_from_the_cache_not_recomputed(digits, extractor, tmp_
 
 
 def test_metric_names_and_uint8_dataset():
-    assert fd.metric_names("digits_cnn", 500) == {"fid": "fid_digits_cnn_n500", "kid": "kid_digits_cnn_n500",
-                                                  "kid_std": "kid_std_digits_cnn_n500"}
+    assert fd.metric_names("digits_cnn", 500) == {"fid": "fid_digits_cnn_n500", "fid_std": "fid_digits_cnn_n500_std",
+                                                  "kid": "kid_digits_cnn_n500", "kid_std": "kid_std_digits_cnn_n500"}
     assert fd.metric_names(fd.INCEPTION, 50000)["fid"] == "fid_inception_n50000"
     assert fd.extractor_name("cifar10") == "cifar10_cnn"
     ds = fd.UInt8Images(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
@@ -187,12 +187,23 @@ def test_fid_ref_and_evaluate_stages_on_digits(tmp_path, monkeypatch):
     _fake_samples("ve", test_u8)
     # evaluate must not recompute the reference (nor read the real images through torch-fidelity).
     monkeypatch.setattr(fd, "reference_statistics", lambda *a, **k: pytest.fail("reference recomputed"))
-    monkeypatch.setattr(fd, "extract_features", lambda *a, **k: pytest.fail("reference recomputed"))
+    extract = fd.extract_features
+    seen = []  # the FID bootstrap extracts the *samples'* features once; never the reference's
+
+    def samples_only(images, *a, **k):
+        seen.append(len(images))
+        if len(images) != len(test_u8):
+            pytest.fail("reference recomputed")
+        return extract(images, *a, **k)
+
+    monkeypatch.setattr(fd, "extract_features", samples_only)
     assert evaluate.main(["--sde", "ve"]) == 0
+    assert seen == [len(test_u8)]
     out = json.loads(Path("reports/metrics/evaluate_ve.json").read_text())
     # The same real test images against the same reference: evaluate reproduces fid_ref's floor.
     assert out["fid_digits_cnn_n297"] == pytest.approx(floor, rel=1e-6)
-    assert {"kid_digits_cnn_n297", "kid_std_digits_cnn_n297"} <= set(out)
+    assert {"kid_digits_cnn_n297", "kid_std_digits_cnn_n297", "fid_digits_cnn_n297_std"} <= set(out)
+    assert 0 < out["fid_digits_cnn_n297_std"] < out["fid_digits_cnn_n297"]
     assert (out["nfe"], out["seconds"], out["sampler"], out["checkpoint"]) == (123, 4.5, "pc", "ema")
     assert out["extractor"] == "digits_cnn" and "URLError" in out["extractor_fallback"]
 
